@@ -1,0 +1,61 @@
+"""Run shard tasks on a local process pool (or inline with one worker, which is easiest to debug).
+
+Memory stays bounded by the pool size: each task reads one shard, returns a small result, and the
+parent never holds more than the results.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LocalExecutor:
+    def __init__(self, workers: int | None = None, progress: bool = True):
+        self.workers = workers or default_workers()
+        self.progress = progress
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: workers start clean (no inherited threads from torch/tqdm in the parent).
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return self._pool
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
+        """``[fn(x) for x in items]`` in input order, run on the pool."""
+        items = list(items)
+        bar = tqdm(total=len(items), desc=desc, unit="shard", disable=not self.progress or not items,
+                   leave=False)
+        try:
+            if self.workers <= 1 or len(items) <= 1:
+                results = []
+                for item in items:
+                    results.append(fn(item))
+                    bar.update()
+                return results
+            futures = [self._get_pool().submit(fn, item) for item in items]
+            for fut in futures:
+                fut.add_done_callback(lambda _f: bar.update())
+            return [fut.result() for fut in futures]
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,134 @@
+"""The recipe: one YAML file describing a whole experiment, validated before anything runs.
+
+The schema is composed from each stage's own config model, so a field is documented once, where it
+is used. ``load_recipe`` applies ``--set a.b=c`` overrides and reports *every* error at once, each
+with its field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenmill import TokenmillError
+from tokenmill.curate import STEPS
+from tokenmill.documents.ingest import HeldoutConfig
+from tokenmill.documents.readers import SourceConfig
+from tokenmill.model.llama import ModelConfig
+from tokenmill.tokens.tokenizer import TokenizerConfig
+from tokenmill.train.config import TrainConfig
+
+StepConfig = Annotated[Union[tuple(cls.Params for cls in STEPS.values())], Field(discriminator="step")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CurateConfig(_Strict):
+    executor: Literal["local"] = Field("local", description="Where curation runs: a local process pool.")
+    workers: int | None = Field(None, ge=1, description="Worker processes (default: all usable cores).")
+    shard_docs: int = Field(2000, ge=1, description="Documents per Parquet shard (the unit of parallelism "
+                                                   "and of resume).")
+    shard_bytes: int = Field(64 << 20, ge=1 << 10, description="Upper bound on a shard's text size in bytes.")
+    keep_rejected: bool = Field(True, description="Keep removed documents under <step>/rejected/ for "
+                                                  "inspection (counts are always kept).")
+    steps: list[StepConfig] = Field(default_factory=list, description="Curation steps, run in order. "
+                                    f"Available: {', '.join(sorted(STEPS))}.")
+
+
+class EvalConfig(_Strict):
+    bpb: bool = Field(True, description="Bits-per-byte per domain on the held-out documents.")
+    max_docs_per_domain: int | None = Field(None, ge=1, description="Cap on documents evaluated per domain.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass during evaluation.")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="A short name for the experiment (used in reports).")
+    seed: int = Field(0, description="Seed for every random choice of the run (held-out split aside, "
+                                     "which hashes document ids).")
+    sources: list[SourceConfig] = Field(min_length=1, description="Where the documents come from.")
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists, creating dicts on the way."""
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise TokenmillError(f"--set {dotted}: {key!r} is not an index of a list of {len(node)}")
+            key = int(key)
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise TokenmillError(f"--set {dotted}: {'.'.join(keys[:i])} is not a mapping or a list")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise TokenmillError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=200")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} error(s) in the recipe"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {path}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise TokenmillError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise TokenmillError(format_errors(err, origin)) from None
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; relative source paths are made absolute (from the recipe's
+    folder) so the resolved recipe written into the run folder works from anywhere."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenmillError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TokenmillError(f"{path}: not valid YAML: {err}") from None
+    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if isinstance(data, dict) \
+        else data
+    recipe = parse_recipe(data, str(path))
+    for src in recipe.sources:
+        p = Path(src.path).expanduser()
+        if not p.is_absolute():
+            src.path = str((path.parent / p).resolve())
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,194 @@
+"""Run a recipe end to end into a run folder, stage by stage, skipping whatever is already complete.
+
+Every stage writes its outputs atomically and is recognised as complete by a file it writes last, so
+``tokenmill run`` after a crash or Ctrl-C picks up where it stopped: curation per shard, packing per
+shard, training from the last checkpoint. ``timings.json`` records each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from tokenmill import TokenmillError
+from tokenmill.curate import STEPS
+from tokenmill.curate.pipeline import run_pipeline
+from tokenmill.documents.ingest import ingest
+from tokenmill.documents.shards import list_shards, write_json_atomic, write_parquet_atomic
+from tokenmill.executors import LocalExecutor
+from tokenmill.recipe import Recipe, dump_recipe
+
+
+class RunFolder:
+    """Paths of the run-folder layout (DESIGN.md), in one place."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.recipe = self.root / "recipe.yaml"
+        self.timings = self.root / "timings.json"
+        self.curate = self.root / "curate"
+        self.read = self.curate / "read"
+        self.heldout = self.root / "heldout" / "documents.parquet"
+        self.tokens = self.root / "tokens"
+        self.tokenizer = self.tokens / "tokenizer"
+        self.train_tokens = self.tokens / "train"
+        self.heldout_tokens = self.tokens / "heldout"
+        self.train = self.root / "train"
+        self.model = self.root / "model"
+        self.eval = self.root / "eval"
+        self.report = self.root / "report.html"
+
+
+def _check_same_recipe(folder: RunFolder, text: str) -> None:
+    if folder.recipe.exists() and folder.recipe.read_text(encoding="utf-8") != text:
+        raise TokenmillError(
+            f"{folder.root} holds a run of a different recipe ({folder.recipe} differs from this one). "
+            f"Resume it with the same recipe and overrides, pick another --out, or pass --overwrite.")
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, out: Path, *, progress: bool = True, overwrite: bool = False):
+        self.recipe = recipe
+        self.folder = RunFolder(out)
+        self.progress = progress
+        text = dump_recipe(recipe)
+        if overwrite and self.folder.root.exists():
+            shutil.rmtree(self.folder.root)
+        _check_same_recipe(self.folder, text)
+        self.folder.root.mkdir(parents=True, exist_ok=True)
+        self.folder.recipe.write_text(text, encoding="utf-8")
+        self.timings: dict[str, float] = (json.loads(self.folder.timings.read_text())
+                                          if self.folder.timings.exists() else {})
+
+    def _stage(self, name: str, done: Callable[[], bool], fn: Callable[[], None]) -> None:
+        if done():
+            print(f"[tokenmill] {name}: already complete, skipped")
+            return
+        print(f"[tokenmill] {name} ...")
+        t0 = time.perf_counter()
+        fn()
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+        write_json_atomic(self.timings, self.folder.timings)
+
+    # ---- stages ------------------------------------------------------------------------------
+    def read(self) -> None:
+        r, f = self.recipe, self.folder
+        ingest(r.sources, f.read, f.heldout, r.heldout, shard_docs=r.curate.shard_docs,
+               shard_bytes=r.curate.shard_bytes, keep_rejected=r.curate.keep_rejected, progress=self.progress)
+
+    def curate(self) -> None:
+        r, f = self.recipe, self.folder
+        steps = [STEPS[cfg.step](cfg) for cfg in r.curate.steps]
+        with LocalExecutor(r.curate.workers, progress=self.progress) as ex:
+            last, _ = run_pipeline(steps, f.read, f.curate, ex, keep_rejected=r.curate.keep_rejected)
+        write_json_atomic({"documents": str(last.relative_to(f.root))}, f.curate / "final.json")
+
+    def curated_shards(self) -> list[Path]:
+        final = json.loads((self.folder.curate / "final.json").read_text())["documents"]
+        return list_shards(self.folder.root / final)
+
+    def tokenizer(self) -> None:
+        from tokenmill.tokens.tokenizer import load_tokenizer, train_tokenizer
+
+        cfg, dest = self.recipe.tokenizer, self.folder.tokenizer
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.path:
+            load_tokenizer(cfg.path).save_pretrained(tmp)
+        else:
+            train_tokenizer(_sample_texts(self.curated_shards(), cfg.max_train_docs, cfg.max_train_bytes),
+                            cfg.vocab_size, tmp, min_frequency=cfg.min_frequency)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+
+    def pack(self) -> None:
+        from tokenmill.tokens.pack import pack_documents
+        from tokenmill.tokens.tokenizer import load_tokenizer
+
+        f = self.folder
+        tok = load_tokenizer(f.tokenizer)
+        pack_documents(self.curated_shards(), tok, f.train_tokens)
+        heldout_shard = f.heldout.parent / "shards" / "shard-00000.parquet"
+        if not heldout_shard.exists():
+            write_parquet_atomic(pq.read_table(f.heldout), heldout_shard)
+        pack_documents([heldout_shard], tok, f.heldout_tokens)
+
+    def model_config(self):
+        from tokenmill.tokens.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.folder.tokenizer)
+        return self.recipe.model.resolved(vocab_size=len(tok))
+
+    def train(self) -> None:
+        from tokenmill.train.loop import train
+
+        f = self.folder
+        summary = train(self.model_config(), self.recipe.train, f.train_tokens, f.train,
+                        val_tokens_dir=f.heldout_tokens, progress=self.progress)
+        write_json_atomic(summary, f.train / "summary.json")
+
+    def export(self) -> None:
+        from tokenmill.model.hf import export_hf
+        from tokenmill.train.checkpoint import load_model_from_checkpoint
+
+        f = self.folder
+        model, cfg = load_model_from_checkpoint(f.train / "checkpoints")
+        tmp = f.model.with_name(f.model.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_hf(model, cfg, f.tokenizer, tmp)
+        shutil.rmtree(f.model, ignore_errors=True)
+        tmp.rename(f.model)
+
+    def evaluate(self) -> None:
+        import torch
+
+        from tokenmill.evaluate.bpb import bits_per_byte
+        from tokenmill.tokens.tokenizer import load_tokenizer
+        from tokenmill.train.checkpoint import load_model_from_checkpoint
+
+        f, cfg = self.folder, self.recipe.eval
+        model, _ = load_model_from_checkpoint(f.train / "checkpoints")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result = bits_per_byte(model.to(device).eval(), load_tokenizer(f.tokenizer), pq.read_table(f.heldout),
+                               seq_len=self.recipe.train.seq_len, batch_size=cfg.batch_size, device=device,
+                               max_docs_per_domain=cfg.max_docs_per_domain)
+        write_json_atomic(result, f.eval / "bpb.json")
+
+    def report(self) -> None:
+        from tokenmill.report.html import write_report
+
+        write_report(self.folder.root)
+
+    def run(self) -> Path:
+        f = self.folder
+        self._stage("read", lambda: (f.read / "stats.json").exists(), self.read)
+        self._stage("curate", lambda: (f.curate / "final.json").exists(), self.curate)
+        self._stage("tokenizer", lambda: (f.tokenizer / "tokenizer.json").exists(), self.tokenizer)
+        self._stage("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack)
+        self._stage("train", lambda: (f.train / "summary.json").exists(), self.train)
+        self._stage("export", lambda: (f.model / "config.json").exists(), self.export)
+        if self.recipe.eval.bpb:
+            self._stage("eval", lambda: (f.eval / "bpb.json").exists(), self.evaluate)
+        self._stage("report", lambda: False, self.report)
+        return f.root
+
+
+def _sample_texts(shards: list[Path], max_docs: int | None, max_bytes: int | None):
+    """Texts for tokenizer training, in corpus order, up to the caps."""
+    docs = nbytes = 0
+    for shard in shards:
+        for text in pq.read_table(shard, columns=["text"]).column("text").to_pylist():
+            if (max_docs is not None and docs >= max_docs) or (max_bytes is not None and nbytes >= max_bytes):
+                return
+            docs += 1
+            nbytes += len(text)
+            yield text
+
+
+def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True, overwrite: bool = False) -> Path:
+    return Runner(recipe, out, progress=progress, overwrite=overwrite).run()
