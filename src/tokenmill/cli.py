@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    p = sub.add_parser("inspect", help="show what curation kept and removed, with samples per reason")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--step", help="a step folder name (e.g. 03-gopher_quality) or step name; "
+                                  "without it, the funnel of every step")
+    p.add_argument("--reason", help="only samples removed for this reason")
+    p.add_argument("--samples", type=int, default=3, help="documents shown per group (default 3)")
+    p.add_argument("--chars", type=int, default=300, help="characters shown per document (default 300)")
+
     p = sub.add_parser("report", help="rebuild report.html of a run folder")
     p.add_argument("run", type=Path, help="run folder")
     return parser
@@ -60,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.run / "recipe.yaml").exists():
                 raise TokenmillError(f"{args.run} is not a run folder (no recipe.yaml)")
             print(write_report(args.run))
+            return 0
+
+        if args.command == "inspect":
+            from tokenmill.curate.inspect import funnel_table, inspect_step
+
+            print(funnel_table(args.run))
+            if args.step:
+                print()
+                print(inspect_step(args.run, args.step, args.samples, args.reason, args.chars))
             return 0
 
         from tokenmill.recipe import dump_recipe, load_recipe

@@ -29,8 +29,13 @@ class _Strict(BaseModel):
 
 
 class CurateConfig(_Strict):
-    executor: Literal["local"] = Field("local", description="Where curation runs: a local process pool.")
-    workers: int | None = Field(None, ge=1, description="Worker processes (default: all usable cores).")
+    executor: Literal["local", "ray"] = Field("local", description="Where shard tasks run: a local process "
+                                              "pool, or a Ray cluster (pip install 'tokenmill[ray]').")
+    ray_address: str | None = Field(None, description="Ray cluster to attach to ('auto', 'ray://host:10001'); "
+                                                      "unset starts a local cluster. Shards must be on storage "
+                                                      "every node sees.")
+    workers: int | None = Field(None, ge=1, description="Worker processes (local) or CPUs of a started local "
+                                                        "Ray cluster (default: all usable cores).")
     shard_docs: int = Field(2000, ge=1, description="Documents per Parquet shard (the unit of parallelism "
                                                    "and of resume).")
     shard_bytes: int = Field(64 << 20, ge=1 << 10, description="Upper bound on a shard's text size in bytes.")
@@ -48,8 +53,6 @@ class EvalConfig(_Strict):
 
 class Recipe(_Strict):
     name: str = Field(description="A short name for the experiment (used in reports).")
-    seed: int = Field(0, description="Seed for every random choice of the run (held-out split aside, "
-                                     "which hashes document ids).")
     sources: list[SourceConfig] = Field(min_length=1, description="Where the documents come from.")
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)

@@ -84,7 +84,7 @@ class Runner:
     def curate(self) -> None:
         r, f = self.recipe, self.folder
         steps = [STEPS[cfg.step](cfg) for cfg in r.curate.steps]
-        with LocalExecutor(r.curate.workers, progress=self.progress) as ex:
+        with make_executor(r.curate, self.progress) as ex:
             last, _ = run_pipeline(steps, f.read, f.curate, ex, keep_rejected=r.curate.keep_rejected)
         write_json_atomic({"documents": str(last.relative_to(f.root))}, f.curate / "final.json")
 
@@ -93,16 +93,12 @@ class Runner:
         return list_shards(self.folder.root / final)
 
     def tokenizer(self) -> None:
-        from tokenmill.tokens.tokenizer import load_tokenizer, train_tokenizer
+        from tokenmill.tokens.tokenizer import prepare_tokenizer
 
-        cfg, dest = self.recipe.tokenizer, self.folder.tokenizer
+        dest = self.folder.tokenizer
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.path:
-            load_tokenizer(cfg.path).save_pretrained(tmp)
-        else:
-            train_tokenizer(_sample_texts(self.curated_shards(), cfg.max_train_docs, cfg.max_train_bytes),
-                            cfg.vocab_size, tmp, min_frequency=cfg.min_frequency)
+        prepare_tokenizer(self.recipe.tokenizer, _texts(self.curated_shards()), tmp)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
@@ -119,10 +115,11 @@ class Runner:
         pack_documents([heldout_shard], tok, f.heldout_tokens)
 
     def model_config(self):
+        """The recipe's model with the vocabulary and EOS id of the run's tokenizer."""
         from tokenmill.tokens.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.folder.tokenizer)
-        return self.recipe.model.resolved(vocab_size=len(tok))
+        return self.recipe.model.model_copy(update={"vocab_size": len(tok), "eos_id": tok.eos_token_id})
 
     def train(self) -> None:
         from tokenmill.train.loop import train
@@ -134,10 +131,10 @@ class Runner:
 
     def export(self) -> None:
         from tokenmill.model.hf import export_hf
-        from tokenmill.train.checkpoint import load_model_from_checkpoint
+        from tokenmill.train.checkpoint import load_trained_model
 
         f = self.folder
-        model, cfg = load_model_from_checkpoint(f.train / "checkpoints")
+        model, cfg = load_trained_model(f.train / "checkpoints")
         tmp = f.model.with_name(f.model.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         export_hf(model, cfg, f.tokenizer, tmp)
@@ -149,10 +146,10 @@ class Runner:
 
         from tokenmill.evaluate.bpb import bits_per_byte
         from tokenmill.tokens.tokenizer import load_tokenizer
-        from tokenmill.train.checkpoint import load_model_from_checkpoint
+        from tokenmill.train.checkpoint import load_trained_model
 
         f, cfg = self.folder, self.recipe.eval
-        model, _ = load_model_from_checkpoint(f.train / "checkpoints")
+        model, _ = load_trained_model(f.train / "checkpoints")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         result = bits_per_byte(model.to(device).eval(), load_tokenizer(f.tokenizer), pq.read_table(f.heldout),
                                seq_len=self.recipe.train.seq_len, batch_size=cfg.batch_size, device=device,
@@ -178,16 +175,19 @@ class Runner:
         return f.root
 
 
-def _sample_texts(shards: list[Path], max_docs: int | None, max_bytes: int | None):
-    """Texts for tokenizer training, in corpus order, up to the caps."""
-    docs = nbytes = 0
+def _texts(shards: list[Path]):
+    """Curated texts in corpus order, one shard in memory at a time (the tokenizer stage caps them)."""
     for shard in shards:
-        for text in pq.read_table(shard, columns=["text"]).column("text").to_pylist():
-            if (max_docs is not None and docs >= max_docs) or (max_bytes is not None and nbytes >= max_bytes):
-                return
-            docs += 1
-            nbytes += len(text)
-            yield text
+        yield from pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+
+
+def make_executor(cfg, progress: bool):
+    if cfg.executor == "ray":
+        from tokenmill.executors.ray import RayExecutor
+
+        return RayExecutor(address=cfg.ray_address, num_cpus=None if cfg.ray_address else cfg.workers,
+                           progress=progress)
+    return LocalExecutor(cfg.workers, progress=progress)
 
 
 def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True, overwrite: bool = False) -> Path:

@@ -1,10 +1,11 @@
 """Read source files into core-schema documents, reporting every unreadable record with its location.
 
 A reader never raises on bad *content*: a malformed JSON line, bytes that are not UTF-8, a record
-without text, a truncated compressed file — each becomes a rejected record with a ``reason`` and a
-``source`` of ``file:line`` so the user can find it, and reading goes on. It raises ``TokenmillError``
-only for what the user must fix before anything can run: a path that matches nothing, an unknown format,
-a Parquet file without the text column.
+without text, a truncated compressed file, a broken WARC record, a page in no decodable charset — each
+becomes a rejected record with a ``reason`` and a ``source`` of ``file:line`` (``file:byte offset`` for
+WARC) so the user can find it, and reading goes on. JSONL and WARC files are streamed, never loaded
+whole. A reader raises ``TokenmillError`` only for what the user must fix before anything can run: a
+path that matches nothing, an unknown format, a Parquet file or dataset without the text column.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ from typing import Iterator, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
+from fastwarc.warc import WarcRecord, WarcRecordType
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill import TokenmillError
+from tokenmill.documents.html import decode_html
 
-Format = Literal["auto", "jsonl", "parquet", "txt"]
+Format = Literal["auto", "jsonl", "parquet", "txt", "html", "warc", "hf_disk"]
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+_WARC_SUFFIXES = (".warc", ".warc.gz", ".warc.zst")
+_HTML_SUFFIXES = (".html", ".htm")
+_HF_DISK_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes at a dataset's root
+_WARC_VERSION = b"WARC/1."
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
 class SourceConfig(BaseModel):
@@ -38,7 +46,12 @@ class SourceConfig(BaseModel):
     path: str = Field(description="A file, a directory (read recursively) or a glob pattern "
                                   "(e.g. 'data/*.jsonl.gz'). Relative paths are relative to the recipe file.")
     format: Format = Field("auto", description="jsonl (also .gz/.zst), parquet, txt (one document per "
-                                               "file), or auto: chosen from each file's extension.")
+                                               "file), html (one page per .html/.htm file, raw HTML kept "
+                                               "for the `extract` step), warc (.warc/.warc.gz/.warc.zst: one "
+                                               "document per HTML response record), hf_disk (a Hugging Face "
+                                               "dataset folder written by save_to_disk; `path` is that "
+                                               "folder), or auto: chosen from each file's extension (a "
+                                               "folder holding state.json or dataset_dict.json is hf_disk).")
     text_field: str = Field("text", description="Field (JSON key or Parquet column) holding the text.")
     id_field: str | None = Field("id", description="Field holding a document id; when absent or missing "
                                                    "in a record, the id is '<file>:<line>'.")
@@ -70,11 +83,14 @@ class ReadStats:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
+def _expand(pattern: str, base_dir: Path | None) -> Path:
+    raw = Path(os.path.expanduser(pattern))
+    return base_dir / raw if not raw.is_absolute() and base_dir is not None else raw
+
+
 def resolve_paths(pattern: str, base_dir: Path | None = None) -> list[Path]:
     """Expand a file, directory or glob into a sorted list of files; an empty match is an error."""
-    raw = Path(os.path.expanduser(pattern))
-    if not raw.is_absolute() and base_dir is not None:
-        raw = base_dir / raw
+    raw = _expand(pattern, base_dir)
     if raw.is_dir():
         files = sorted(p for p in raw.rglob("*") if p.is_file() and not p.name.startswith("."))
     elif raw.is_file():
@@ -96,8 +112,16 @@ def detect_format(path: Path, fmt: Format) -> Format:
         return "parquet"
     if name.endswith(".txt"):
         return "txt"
+    if name.endswith(_HTML_SUFFIXES):
+        return "html"
+    if name.endswith(_WARC_SUFFIXES):
+        return "warc"
     raise TokenmillError(f"{path}: cannot tell the format from the extension; set `format:` on the source "
-                         f"(jsonl, parquet or txt)")
+                         f"(jsonl, parquet, txt, html, warc or hf_disk)")
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _HF_DISK_MARKERS)
 
 
 def _default_domain(path: Path) -> str:
@@ -200,15 +224,160 @@ def _read_txt(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Recor
     yield Record(loc, text, domain, loc)
 
 
-_READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
+def _read_html(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
+    loc = str(path)
+    domain = cfg.domain or _default_domain(path.parent)
+    raw = path.read_bytes()
+    decoded = decode_html(raw)
+    if decoded is None:
+        stats.reject("undecodable_html")
+        yield Record(loc, raw.decode("utf-8", "backslashreplace"), domain, loc, reason="undecodable_html")
+        return
+    text, encoding = decoded
+    if not text.strip():
+        stats.reject("empty_text")
+        yield Record(loc, text, domain, loc, reason="empty_text")
+        return
+    yield Record(loc, text, domain, loc, json.dumps({"encoding": encoding}))
+
+
+def _warc_records(fh: io.BufferedIOBase) -> Iterator[tuple[int, bytes, str]]:
+    """Split a WARC stream into ``(offset, record bytes, "")``, or ``(offset, bytes read, reason)``
+    for a stretch that is no well-formed record (``bad_warc_record``) or is cut short (``truncated_file``).
+
+    We frame records ourselves (version line, header lines, ``Content-Length`` bytes of block) rather
+    than let fastwarc iterate, because fastwarc either stops at the first broken record or skips it
+    silently (and reads a truncated gzip member as an empty record); framing here reports a bad record
+    at its exact offset and resumes at the next line that starts a record. Offsets count bytes of the
+    uncompressed stream.
+    """
+    offset = 0
+    try:
+        line = fh.readline()
+        while line:
+            if not line.strip():  # blank lines separate records
+                offset += len(line)
+                line = fh.readline()
+                continue
+            start, head, length = offset, [line], None
+            if line.startswith(_WARC_VERSION):
+                while True:
+                    offset += len(line)
+                    line = fh.readline()
+                    if not line.strip() or line.startswith(_WARC_VERSION):
+                        break
+                    head.append(line)
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value) if value.strip().isdigit() else None
+                if not line:
+                    yield offset, b"".join(head), "truncated_file"
+                    return
+            if length is None or line.startswith(_WARC_VERSION):  # unusable header: skip to the next record
+                while line and not (line.startswith(_WARC_VERSION) and offset > start):
+                    offset += len(line)
+                    line = fh.readline()
+                yield start, b"".join(head), "bad_warc_record"
+                continue
+            offset += len(line)
+            block = fh.read(length)
+            offset += len(block)
+            if len(block) < length:
+                yield offset, b"".join(head), "truncated_file"
+                return
+            yield start, b"".join(head) + line + block, ""
+            line = fh.readline()
+    except (EOFError, OSError, zstandard.ZstdError) as err:  # a truncated or corrupt compressed stream
+        yield offset, f"{type(err).__name__}: {err}".encode(), "truncated_file"
+
+
+def _html_document(raw: bytes, loc: str, domain: str, stats: ReadStats) -> Record | None:
+    """The HTML page of one framed WARC record; None for records that carry no page (requests, images)."""
+    try:
+        record = WarcRecord.from_bytes(raw)
+        if record.record_type != WarcRecordType.response:
+            return None
+        record.parse_http(auto_decode="all")
+        if record.http_content_type not in _HTML_TYPES:
+            return None
+        body = record.reader.read()
+    except OSError as err:  # fastwarc's signal for a malformed record or HTTP header
+        stats.reject("bad_warc_record")
+        return Record(loc, f"{err}: {_preview(raw)}", domain, loc, reason="bad_warc_record")
+    doc_id = record.record_id or loc
+    decoded = decode_html(body, record.http_charset)
+    if decoded is None:
+        stats.reject("undecodable_html")
+        return Record(doc_id, _preview(body), domain, loc, reason="undecodable_html")
+    text, encoding = decoded
+    if not text.strip():
+        stats.reject("empty_text")
+        return Record(doc_id, text, domain, loc, reason="empty_text")
+    meta = {"url": record.headers.get("WARC-Target-URI", ""), "date": record.headers.get("WARC-Date", ""),
+            "encoding": encoding}
+    return Record(doc_id, text, domain, loc, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+
+
+def _preview(raw: bytes) -> str:
+    """The first bytes of a rejected record, readable whatever they are."""
+    return raw[:1000].decode("utf-8", "backslashreplace")
+
+
+def _read_warc(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
+    domain = cfg.domain or _default_domain(path)
+    with _open_binary(path) as fh:
+        for offset, raw, reason in _warc_records(fh):
+            loc = f"{path}:{offset}"
+            if reason:
+                stats.reject(reason)
+                yield Record(loc, _preview(raw), domain, loc, reason=reason)
+            elif (doc := _html_document(raw, loc, domain, stats)) is not None:
+                yield doc
+
+
+def _read_hf_disk(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
+    """Rows of a dataset (every split of a DatasetDict, in saved order) written by ``save_to_disk``."""
+    try:  # optional and slow to import: only sources that use it pay for it
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as err:
+        raise TokenmillError(f"{path}: format hf_disk needs the `datasets` package ({err}); "
+                             f"install it with `pip install 'tokenmill[hf]'`") from None
+    try:
+        loaded = load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise TokenmillError(f"{path}: not a dataset folder written by save_to_disk ({err})") from None
+    splits = loaded.items() if isinstance(loaded, DatasetDict) else [("", loaded)]
+    for split, dataset in splits:
+        if cfg.text_field not in dataset.column_names:
+            raise TokenmillError(f"{path} {split}: no column {cfg.text_field!r} (columns: "
+                                 f"{dataset.column_names}); set `text_field:` on the source")
+        where = f"{path}/{split}" if split else str(path)
+        row = 0
+        for batch in dataset.with_format("arrow").iter(batch_size=1024):
+            for obj in batch.to_pylist():
+                row += 1
+                raw = json.dumps(obj, default=str)
+                yield _record_from_fields(obj, path, f"{where}:{row}", raw, cfg, stats)
+
+
+_READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt, "html": _read_html,
+            "warc": _read_warc}
 
 
 def read_source(cfg: SourceConfig, stats: ReadStats, base_dir: Path | None = None) -> Iterator[Record]:
     """Every record of every file of a source, in a stable order (sorted paths, file order)."""
-    files = resolve_paths(cfg.path, base_dir)
-    for path in files:
+    for rec in _source_records(cfg, stats, base_dir):
+        stats.records += 1
+        yield rec
+
+
+def _source_records(cfg: SourceConfig, stats: ReadStats, base_dir: Path | None) -> Iterator[Record]:
+    root = _expand(cfg.path, base_dir)
+    if cfg.format == "hf_disk" or (cfg.format == "auto" and _is_hf_dataset_dir(root)):
+        stats.files += 1
+        yield from _read_hf_disk(root, cfg, stats)
+        return
+    for path in resolve_paths(cfg.path, base_dir):
         fmt = detect_format(path, cfg.format)
         stats.files += 1
-        for rec in _READERS[fmt](path, cfg, stats):
-            stats.records += 1
-            yield rec
+        yield from _READERS[fmt](path, cfg, stats)

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: bits per byte per domain, so recipes with different tokenizers compare."""

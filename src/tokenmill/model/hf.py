@@ -1,0 +1,138 @@
+"""Hugging Face interchange: export our Llama as a ``LlamaForCausalLM`` folder, import one back.
+
+Our parameter names are HF's without the ``model.`` prefix and RoPE uses HF's ``rotate_half`` layout,
+so both directions are a key rename: no weight permutation, logits match to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenmill import TokenmillError
+from tokenmill.model.llama import Llama, ModelConfig
+
+WEIGHTS = "model.safetensors"
+
+
+def _hf_key(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """Write ``out_dir`` loadable by ``AutoModelForCausalLM.from_pretrained`` offline: config.json,
+    generation_config.json, model.safetensors (fp32, padded vocabulary) and the tokenizer files."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise TokenmillError(f"{tokenizer_dir} has no tokenizer.json: pass the run's tokens/tokenizer folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = LlamaConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        bos_token_id=None,
+        eos_token_id=cfg.eos_id,
+    )
+    hf_config.architectures = ["LlamaForCausalLM"]
+    hf_config.save_pretrained(out_dir)
+    GenerationConfig(eos_token_id=cfg.eos_id).save_pretrained(out_dir)
+
+    state = {
+        _hf_key(k): v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not (cfg.tie_embeddings and k == "lm_head.weight")
+    }
+    save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})
+
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out_dir / f.name)
+    if not (out_dir / "tokenizer_config.json").exists():
+        (out_dir / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
+        )
+    return out_dir
+
+
+def _rope_theta(hf_config) -> float:
+    """RoPE base across transformers versions; scaled RoPE variants are refused, not approximated."""
+    params = getattr(hf_config, "rope_parameters", None) or {
+        "rope_theta": getattr(hf_config, "rope_theta", 10000.0),
+        **(getattr(hf_config, "rope_scaling", None) or {}),
+    }
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise TokenmillError(f"RoPE type {rope_type!r} is not supported by tokenmill's Llama (only 'default')")
+    return float(params["rope_theta"])
+
+
+def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
+    """Load a local HF Llama-family checkpoint (config.json + *.safetensors) for continued pretraining.
+    The vocabulary is kept exactly (no padding) so logits match the source model."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise TokenmillError(f"{path} has no config.json: point import_hf at a Hugging Face model folder")
+    hf = AutoConfig.from_pretrained(path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    unsupported = {
+        "attention_bias": getattr(hf, "attention_bias", False),
+        "mlp_bias": getattr(hf, "mlp_bias", False),
+        "hidden_act != silu": hf.hidden_act != "silu",
+        "head_dim != hidden_size / num_attention_heads": head_dim * hf.num_attention_heads != hf.hidden_size,
+    }
+    if any(unsupported.values()):
+        bad = ", ".join(k for k, v in unsupported.items() if v)
+        raise TokenmillError(f"{path / 'config.json'}: {bad} not supported by tokenmill's Llama")
+    eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
+    cfg = ModelConfig(
+        vocab_size=hf.vocab_size,
+        pad_vocab_to=1,
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        ffn_hidden=hf.intermediate_size,
+        max_seq_len=hf.max_position_embeddings,
+        rope_theta=_rope_theta(hf),
+        norm_eps=hf.rms_norm_eps,
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        init_std=getattr(hf, "initializer_range", 0.02),
+        eos_id=eos,
+    )
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TokenmillError(f"{path} has no *.safetensors weights: re-save the model with safe_serialization")
+    hf_state: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_state.update(load_file(f))
+
+    model = Llama(cfg)
+    missing = []
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if cfg.tie_embeddings and name == "lm_head.weight":
+                continue
+            src = hf_state.get(_hf_key(name))
+            if src is None:
+                missing.append(_hf_key(name))
+            else:
+                p.copy_(src)
+    if missing:
+        raise TokenmillError(f"{path}: weights missing from the safetensors files: {', '.join(missing[:5])}")
+    return model, cfg

@@ -1,0 +1,229 @@
+"""A Llama-style decoder in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``,
+``layers.i.self_attn.q_proj``, ...) and RoPE uses the same ``rotate_half`` layout, so export and import
+are a rename of the ``model.`` prefix, never a permutation. The model knows nothing of parallelism:
+``train/`` applies compile and sharding from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+# Shapes only; the run sets ``vocab_size`` and ``eos_id`` from its tokenizer. Up to 60M the name is the
+# rough non-embedding size; 124M and 350M are GPT-2 small/medium (tied-embedding count, vocab 50304);
+# 1B has Llama-3.2-1B's width, depth and heads (GQA 32/8).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "20M": dict(dim=384, n_layers=12, n_heads=6, max_seq_len=1024),
+    "60M": dict(dim=640, n_layers=12, n_heads=10, max_seq_len=1024),
+    "124M": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048),
+}
+
+
+class ModelConfig(BaseModel):
+    """The decoder's shape. Unset ``n_kv_heads`` and ``ffn_hidden`` are resolved on validation, so a
+    dumped config always spells out the exact architecture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "20M", "60M", "124M", "350M", "1B"] | None = Field(
+        None, description="Named shape; fills the shape fields, explicit fields override it."
+    )
+    vocab_size: int = Field(
+        50304, gt=0, description="Tokenizer vocabulary size (set by the run from the tokenizer)."
+    )
+    pad_vocab_to: int = Field(
+        64, gt=0, description="Embedding rows are padded up to a multiple of this (faster matmuls)."
+    )
+    dim: int = Field(768, gt=0, description="Hidden size (width of the residual stream).")
+    n_layers: int = Field(12, gt=0, description="Number of transformer blocks.")
+    n_heads: int = Field(12, gt=0, description="Number of query heads; head_dim = dim / n_heads.")
+    n_kv_heads: int | None = Field(
+        None, gt=0, description="Key/value heads for grouped-query attention; default n_heads (MHA)."
+    )
+    ffn_hidden: int | None = Field(
+        None, gt=0, description="SwiGLU hidden size; default 8/3·dim rounded up to a multiple of 64."
+    )
+    max_seq_len: int = Field(1024, gt=0, description="Longest sequence the RoPE tables cover.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(False, description="Share the input embedding with the output head.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init of every weight matrix.")
+    eos_id: int | None = Field(
+        None, ge=0, description="End-of-document token id (set by the run); needed for document masking."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _resolve_shape(self) -> "ModelConfig":
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE pairs dimension i with i + head_dim/2 (HF's layout, not the interleaved original)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def document_mask(idx: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask: causal and within one document. An EOS token closes its document,
+    so the token after it starts a fresh context."""
+    is_eos = (idx == eos_id).int()
+    doc = torch.cumsum(is_eos, dim=1) - is_eos
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return (same_doc & causal).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled by 1/sqrt(2·n_layers)
+        (GPT-2) so the residual stream's variance does not grow with depth; RoPE tables in fp32.
+        Separate from ``__init__`` so a model built on the meta device can be materialised later."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+        freqs = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1).to(self.rope_cos.device)
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_mask: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, padded_vocab] for token ids ``idx`` [B, T]; with ``targets`` [B, T] also the
+        mean cross-entropy (in fp32; targets of -1 are ignored). ``doc_mask`` stops attention across
+        ``cfg.eos_id`` boundaries (an explicit mask: SDPA then leaves its flash path)."""
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        mask = None
+        if doc_mask:
+            if self.cfg.eos_id is None:
+                raise ValueError("doc_mask needs ModelConfig.eos_id")
+            mask = document_mask(idx, self.cfg.eos_id)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count; ``exclude_embedding`` drops the input embedding table (a lookup, not a
+        matmul) but keeps the output head, which is what FLOP counts need."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.cfg.tie_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, forward + backward: 6·N for the matmul weights plus 12·L·dim·T
+        for attention scores and values (the PaLM / nanoGPT convention; it counts the full T×T
+        product even though causal kernels skip half, so MFU stays comparable with those)."""
+        return 6 * self.num_params(exclude_embedding=True) + 12 * self.cfg.n_layers * self.cfg.dim * seq_len

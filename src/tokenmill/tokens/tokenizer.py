@@ -1,0 +1,116 @@
+"""Train a byte-level BPE tokenizer or load one from disk, always as a Hugging Face tokenizer dir.
+
+Byte-level BPE encodes any text without an unknown token, and saving with ``save_pretrained`` lets
+the exported model be loaded by ``transformers.AutoTokenizer`` offline. One special token,
+``<|endoftext|>``, is both BOS and EOS: packing puts it after every document, so it is the document
+separator the model learns.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from tokenmill import TokenmillError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class TokenizerConfig(BaseModel):
+    """Which tokenizer a run uses: a local one, or one trained on (a capped sample of) the corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face tokenizer directory to load; leave empty to train one on the corpus.",
+    )
+    vocab_size: int = Field(
+        8192, ge=260, description="Vocabulary size of a trained tokenizer (256 bytes + merges + EOS)."
+    )
+    max_train_docs: int | None = Field(
+        20_000, ge=1, description="Train on at most this many documents (the first ones read); null for all."
+    )
+    max_train_bytes: int | None = Field(
+        100_000_000, ge=1, description="Stop reading training text after this many UTF-8 bytes; null for all."
+    )
+    min_frequency: int = Field(
+        2, ge=1, description="A pair must occur at least this often in the sample to become a merge."
+    )
+
+
+def prepare_tokenizer(
+    config: TokenizerConfig, texts: Iterable[str], out_dir: Path
+) -> PreTrainedTokenizerFast:
+    """Load ``config.path`` or train on ``texts`` within the caps; either way save it to ``out_dir``.
+
+    Saving a loaded tokenizer too keeps the run folder self-contained for export and evaluation.
+    """
+    if config.path is not None:
+        tokenizer = load_tokenizer(config.path)
+        tokenizer.save_pretrained(out_dir)
+        return tokenizer
+    sample = _capped(texts, config.max_train_docs, config.max_train_bytes)
+    return train_tokenizer(sample, config.vocab_size, out_dir, min_frequency=config.min_frequency)
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: Path, *, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train byte-level BPE on ``texts`` and save it to ``out_dir`` as a Hugging Face tokenizer."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 records its internal class name; the public alias also loads with transformers 4.
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a local Hugging Face tokenizer directory (never the Hub); it must be fast and have an EOS."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise TokenmillError(
+            f"tokenizer: {path} has no tokenizer.json; point tokenizer.path at a directory written by "
+            "save_pretrained (a fast tokenizer), or leave it empty to train one"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # the Rust parser raises plain Exception on a malformed tokenizer.json
+        raise TokenmillError(f"tokenizer: cannot load {path}: {err}") from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise TokenmillError(f"tokenizer: {path} loads as a slow tokenizer; packing needs a fast (Rust) one")
+    if tokenizer.eos_token_id is None:
+        raise TokenmillError(
+            f"tokenizer: {path} has no eos_token; set one in its tokenizer_config.json "
+            "(documents are separated by it)"
+        )
+    return tokenizer
+
+
+def _capped(texts: Iterable[str], max_docs: int | None, max_bytes: int | None) -> Iterator[str]:
+    budget = max_bytes
+    for text in islice(texts, max_docs):
+        yield text
+        if budget is not None:
+            budget -= len(text.encode())
+            if budget <= 0:
+                return

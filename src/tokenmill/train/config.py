@@ -1,0 +1,76 @@
+"""What a training run needs besides the model's shape: batch, schedule, optimizer, precision, cadence."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokenmill import TokenmillError
+
+
+class TrainConfig(BaseModel):
+    """One training run's settings; the network's shape lives in ``ModelConfig``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(1024, gt=0, description="Tokens per training sequence (≤ the model's max_seq_len).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward on one device.")
+    global_batch_tokens: int = Field(
+        16 * 1024,
+        gt=0,
+        description="Tokens per optimizer step over all devices; gradient accumulation makes up the rest. "
+        "Must be a multiple of micro_batch_size · seq_len · world_size.",
+    )
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to train for.")
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps from ~0 to lr.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="Learning-rate shape after warm-up: cosine decay, warmup-stable-decay, or flat."
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd only: fraction of max_steps spent in the final decay."
+    )
+    decay_shape: Literal["linear", "sqrt", "cosine"] = Field(
+        "linear", description="wsd only: shape of the final decay (1-p, 1-sqrt(p), or half cosine)."
+    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on ≥2-D weights.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute precision: auto = bf16 autocast on CUDA with bf16 support, else fp32."
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu) or a torch device string.")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
+    seed: int = Field(0, description="Seed for initialisation and the data order.")
+    eval_every: int = Field(200, gt=0, description="Validation loss every this many steps (and at the end).")
+    eval_windows_per_domain: int = Field(
+        64, gt=0, description="Validation sequences per domain (fixed for the whole run)."
+    )
+    ckpt_every: int = Field(500, gt=0, description="Checkpoint every this many steps (and at the end).")
+    keep_last_k: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+    log_every: int = Field(10, gt=0, description="Write a metrics line every this many steps.")
+    domain_weights: dict[str, float] | None = Field(
+        None, description="Sampling weight per domain for the loader; None = natural proportions."
+    )
+    doc_mask: bool = Field(
+        False, description="Stop attention across end-of-document tokens (needs the model's eos_id)."
+    )
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "TrainConfig":
+        self.grad_accum_steps(world_size=1)
+        return self
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each of ``world_size`` devices."""
+        per_pass = self.micro_batch_size * self.seq_len * world_size
+        if self.global_batch_tokens % per_pass:
+            raise TokenmillError(
+                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) × seq_len ({self.seq_len}) × world_size ({world_size}) "
+                f"= {per_pass}: change global_batch_tokens or micro_batch_size"
+            )
+        return self.global_batch_tokens // per_pass

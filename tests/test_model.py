@@ -1,0 +1,142 @@
+"""The decoder: shapes, learning, document masking, configs, and Hugging Face export/import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from tokenmill.model import Llama, ModelConfig, export_hf, import_hf
+
+VOCAB = 256
+EOS = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, which contend badly on a busy CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig(**{"preset": "tiny", "vocab_size": VOCAB, "eos_id": EOS, **overrides})
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    model = Llama(tiny(vocab_size=250))  # padded up to 256
+    idx = torch.randint(0, 250, (3, 32))
+    logits = model(idx)
+    assert logits.shape == (3, 32, 256)
+    logits2, loss = model(idx, idx)
+    assert torch.equal(logits, logits2)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), idx.reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    assert loss.dtype == torch.float32
+
+
+def test_preset_fills_shape_and_explicit_fields_override():
+    cfg = ModelConfig(preset="124M", n_layers=3)
+    assert (cfg.dim, cfg.n_heads, cfg.n_layers, cfg.max_seq_len, cfg.vocab_size) == (768, 12, 3, 1024, 50304)
+    assert cfg.ffn_hidden == 2048 and cfg.n_kv_heads == 12
+    assert ModelConfig.model_validate(cfg.model_dump()) == cfg  # a dumped config rebuilds the same model
+    with pytest.raises(ValidationError, match="n_kv_heads"):
+        ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValidationError):
+        ModelConfig(preset="tiny", dims=64)
+
+
+def test_param_count_and_flops_follow_the_shape():
+    cfg = tiny()
+    model = Llama(cfg)
+    d, f, L, V = cfg.dim, cfg.ffn_hidden, cfg.n_layers, cfg.padded_vocab_size
+    kv = cfg.n_kv_heads * cfg.head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    assert model.num_params() == L * per_layer + d + 2 * V * d
+    assert model.num_params(exclude_embedding=True) == L * per_layer + d + V * d
+    assert model.flops_per_token(32) == 6 * model.num_params(True) + 12 * L * d * 32
+    tied = Llama(tiny(tie_embeddings=True))
+    assert tied.num_params() == tied.num_params(exclude_embedding=True) == L * per_layer + d + V * d
+
+
+def test_loss_decreases_on_repeated_text():
+    torch.manual_seed(0)
+    model = Llama(tiny())
+    pattern = torch.randint(1, VOCAB, (40,))
+    data = pattern.repeat(20)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[s : s + 33] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_doc_mask_blocks_attention_across_documents():
+    torch.manual_seed(0)
+    model = Llama(tiny()).eval()
+    idx = torch.randint(1, VOCAB, (1, 32))
+    idx[0, 11] = EOS  # doc 1 = tokens 0..11 (EOS included), doc 2 = 12..31
+    changed = idx.clone()
+    changed[0, :11] = torch.randint(1, VOCAB, (11,))
+    with torch.no_grad():
+        a, b = model(idx, doc_mask=True), model(changed, doc_mask=True)
+        a_plain, b_plain = model(idx), model(changed)
+    torch.testing.assert_close(a[0, 12:], b[0, 12:])
+    assert not torch.allclose(a[0, :11], b[0, :11])
+    assert not torch.allclose(a_plain[0, 12:], b_plain[0, 12:])  # without the mask doc 2 sees doc 1
+    torch.testing.assert_close(a[0, :12], a_plain[0, :12])  # the first document is plain causal
+
+
+def _write_tokenizer(path) -> None:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_hf_loads_in_transformers_with_matching_logits(tmp_path, tie):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    _write_tokenizer(tmp_path / "tok")
+    cfg = tiny(vocab_size=300, tie_embeddings=tie)
+    model = Llama(cfg).eval()
+    out = export_hf(model, cfg, tmp_path / "tok", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == cfg.padded_vocab_size == 320
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    idx = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True)("the fox")["input_ids"]
+
+
+def test_import_hf_round_trip(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=123, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0, eos_token_id=7,
+    )
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "src")
+    model, cfg = import_hf(tmp_path / "src")
+    assert (cfg.vocab_size, cfg.padded_vocab_size, cfg.n_kv_heads, cfg.rope_theta, cfg.eos_id) == (123, 123, 2, 5000.0, 7)
+    idx = torch.randint(0, 123, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)

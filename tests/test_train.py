@@ -1,0 +1,240 @@
+"""The trainer: schedules, optimizer groups, atomic checkpoints, the loop, resume, NaN detection.
+
+The loop runs on a real packed tokens directory: a small tokenizer and two memorisable 'domains'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenmill import TokenmillError
+from tokenmill.model import Llama, ModelConfig
+from tokenmill.tokens.loader import TokenLoader
+from tokenmill.tokens.pack import pack_documents
+from tokenmill.tokens.tokenizer import train_tokenizer
+from tokenmill.train import loop
+from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokenmill.train.config import TrainConfig
+from tokenmill.train.optim import build_adamw
+from tokenmill.train.schedule import constant, cosine, wsd
+
+SEQ, VOCAB, EOS = 32, 300, 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, which contend badly on a busy CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+DOCS = {
+    "prose": ["In the beginning was the word, and the word was with the mill.", "The quick brown fox jumps."],
+    "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n"],
+}
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    """Each domain's few documents repeated, so a tiny model can learn them within ~30 steps."""
+    root = tmp_path_factory.mktemp("tokens")
+    texts = [t for docs in DOCS.values() for t in docs]
+    tokenizer = train_tokenizer(texts * 5, vocab_size=VOCAB, out_dir=root / "tokenizer")
+    assert tokenizer.eos_token_id == EOS and len(tokenizer) <= VOCAB  # what model_cfg() assumes
+    rows = [(f"{d}-{i}", t, d) for d, docs in DOCS.items() for i, t in enumerate(docs * 40)]
+    ids, text, domain = zip(*rows)
+    pq.write_table(pa.table({"id": ids, "text": text, "domain": domain}), root / "docs.parquet")
+    pack_documents([root / "docs.parquet"], tokenizer, root / "packed")
+    return root / "packed"
+
+
+def model_cfg(**overrides) -> ModelConfig:
+    return ModelConfig(**{"preset": "tiny", "vocab_size": VOCAB, "eos_id": EOS, "max_seq_len": SEQ, **overrides})
+
+
+def train_cfg(**overrides) -> TrainConfig:
+    base = dict(
+        seq_len=SEQ, micro_batch_size=4, global_batch_tokens=8 * SEQ, max_steps=20, lr=3e-3, warmup_steps=3,
+        device="cpu", eval_every=10, eval_windows_per_domain=4, ckpt_every=10, log_every=5,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- schedules and config ----------------------------------------------------------------------
+
+
+def test_cosine_warms_up_then_decays_to_min_at_last_step():
+    lrs = [cosine(s, 10, 100, 0.1) for s in range(100)]
+    assert lrs[:10] == sorted(lrs[:10]) and lrs[9] == 1.0 and lrs[0] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1)
+    assert cosine(10 + 89 // 2, 10, 100, 0.1) == pytest.approx(0.55, abs=0.02)
+
+
+@pytest.mark.parametrize("shape", ["linear", "sqrt", "cosine"])
+def test_wsd_is_flat_then_decays_in_the_last_fraction(shape):
+    lrs = [wsd(s, 5, 100, 0.0, 0.2, shape) for s in range(100)]
+    assert all(lr == 1.0 for lr in lrs[5:80])
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[-1] == pytest.approx(0.0)
+
+
+def test_wsd_decay_shapes_differ_as_named():
+    quarter = 80 + round(0.25 * 19)
+    linear, sqrt, cos = (wsd(quarter, 0, 100, 0.0, 0.2, s) for s in ("linear", "sqrt", "cosine"))
+    assert sqrt < linear < cos
+    assert constant(2, 4) == 0.75 and constant(50, 4) == 1.0
+
+
+def test_grad_accumulation_is_derived_and_validated():
+    cfg = train_cfg(micro_batch_size=2, global_batch_tokens=8 * SEQ)
+    assert cfg.grad_accum_steps() == 4 and cfg.grad_accum_steps(world_size=2) == 2
+    with pytest.raises(TokenmillError, match="global_batch_tokens"):
+        cfg.grad_accum_steps(world_size=3)
+    with pytest.raises(TokenmillError, match="micro_batch_size"):
+        train_cfg(global_batch_tokens=5 * SEQ)
+
+
+def test_weight_decay_only_on_matrices():
+    model = Llama(model_cfg())
+    opt = build_adamw(model, train_cfg(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path, monkeypatch):
+    model = Llama(model_cfg())
+    opt = build_adamw(model, train_cfg(), torch.device("cpu"))
+    model(torch.randint(0, VOCAB, (2, SEQ)), torch.randint(0, VOCAB, (2, SEQ)))[1].backward()
+    opt.step()
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save_checkpoint(ckpts, step, model, opt, {"note": step}, keep_last_k=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-3"]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)  # dies half-way through writing step 4
+    with pytest.raises(OSError):
+        save_checkpoint(ckpts, 4, model, opt, {}, keep_last_k=2)
+    monkeypatch.undo()
+    assert (ckpts / "step-4.tmp").exists() and latest_checkpoint(ckpts) == ckpts / "step-3"
+
+    fresh = Llama(model_cfg())
+    fresh_opt = build_adamw(fresh, train_cfg(), torch.device("cpu"))
+    state = load_checkpoint(ckpts / "step-3", fresh, fresh_opt)
+    assert state == {"note": 3, "step": 3}
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+    save_checkpoint(ckpts, 5, model, opt, {}, keep_last_k=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-3", "step-5"]  # stale .tmp cleaned up
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def test_train_learns_logs_and_checkpoints(tokens, tmp_path):
+    out = tmp_path / "run"
+    summary = loop.train(model_cfg(), train_cfg(max_steps=30, log_every=5), tokens, out,
+                         val_tokens_dir=tokens, progress=False)
+    records = read_metrics(out)
+    train_recs = [r for r in records if "loss" in r]
+    val_recs = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20, 25, 30]
+    assert set(train_recs[0]) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
+    assert train_recs[0]["tokens"] == 5 * 8 * SEQ and train_recs[0]["mfu"] is None
+    assert train_recs[-1]["loss"] < 0.6 * train_recs[0]["loss"]
+    assert [r["step"] for r in val_recs] == [10, 20, 30]
+    assert set(val_recs[0]) == {"step", "tokens", "val_loss", "val_loss/prose", "val_loss/code"}
+    assert val_recs[-1]["val_loss"] < val_recs[0]["val_loss"]
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 8 * SEQ
+    assert summary["final_loss"] == train_recs[-1]["loss"] and summary["final_val_loss"] == val_recs[-1]["val_loss"]
+    assert summary["params"] == Llama(model_cfg()).num_params()
+    assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step-30"
+
+
+def test_resume_after_crash_is_bit_identical(tokens, tmp_path, monkeypatch):
+    cfg = train_cfg(max_steps=20, ckpt_every=10, log_every=1, doc_mask=True)
+    loop.train(model_cfg(), cfg, tokens, tmp_path / "straight", progress=False)
+
+    real_batch = TokenLoader.batch
+
+    def batch(self, step):
+        if step == 13 * cfg.grad_accum_steps():  # dies during step 14, after logging steps 11..13
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(TokenLoader, "batch", batch)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
+    assert max(r["step"] for r in read_metrics(tmp_path / "resumed")) == 13
+    monkeypatch.undo()
+    summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
+
+    weights = [load_file(p / "checkpoints" / "step-20" / "model.safetensors") for p in (tmp_path / "straight", tmp_path / "resumed")]
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 21))
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [(r["loss"], r["grad_norm"], r["lr"]) for r in straight]
+    assert summary["final_loss"] == straight[-1]["loss"] and summary["steps"] == 20
+
+
+def test_non_finite_loss_names_step_and_last_good_checkpoint(tokens, tmp_path):
+    model = Llama(model_cfg())
+    calls = []
+
+    def poison(module, args, output):  # one forward per step (no accumulation): NaN from step 7
+        calls.append(1)
+        return output * math.nan if len(calls) >= 7 else output
+
+    model.norm.register_forward_hook(poison)
+    cfg = train_cfg(global_batch_tokens=4 * SEQ, ckpt_every=5, log_every=4)
+    with pytest.raises(TokenmillError, match=r"at step 7; last good checkpoint: .*step-5"):
+        loop.train(model_cfg(), cfg, tokens, tmp_path / "run", init_model=model, progress=False)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-5"
+
+
+def test_bad_run_inputs_are_named(tokens, tmp_path):
+    with pytest.raises(TokenmillError, match="max_seq_len"):
+        loop.train(model_cfg(), train_cfg(seq_len=64, global_batch_tokens=4 * 64), tokens, tmp_path, progress=False)
+    with pytest.raises(TokenmillError, match="eos_id"):
+        loop.train(model_cfg(eos_id=None), train_cfg(doc_mask=True), tokens, tmp_path, progress=False)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tokens, tmp_path):
+    summary = loop.train(model_cfg(), train_cfg(dtype="bfloat16", max_steps=10), tokens, tmp_path, progress=False)
+    first = read_metrics(tmp_path)[0]["loss"]
+    assert summary["final_loss"] < first
+    weights = load_file(tmp_path / "checkpoints" / "step-10" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_compiled_training_learns(tokens, tmp_path):
+    cfg = train_cfg(device="cuda", compile=True, max_steps=30)
+    summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "run", progress=False)
+    records = read_metrics(tmp_path / "run")
+    assert summary["final_loss"] < 0.6 * records[0]["loss"]
