@@ -140,3 +140,36 @@ def test_import_hf_round_trip(tmp_path):
     idx = torch.randint(0, 123, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_preset_table_in_the_docstring_matches_the_models():
+    """Each documented parameter count is what the preset builds (on the meta device: no memory)."""
+    from tokenmill.model import PRESETS, llama
+
+    rows = [line.split("|")[1:-1] for line in llama.__doc__.splitlines() if line.startswith("| ") and "M" in line]
+    table = {cells[0].strip(): [c.strip() for c in cells] for cells in rows if cells[0].strip() in PRESETS}
+    assert set(table) == set(PRESETS)
+    millions = lambda n: f"{n / 1e6:.1f}M"
+    for name, (_, dim, layers, heads, ffn, body, head_8k, head_50k, _) in table.items():
+        counts = []
+        for vocab in (8192, 50304):
+            cfg = ModelConfig(preset=name, vocab_size=vocab)
+            with torch.device("meta"):
+                counts.append(Llama(cfg).num_params(exclude_embedding=True))
+        assert (dim, layers, heads, ffn) == (str(cfg.dim), str(cfg.n_layers), f"{cfg.n_heads}/{cfg.n_kv_heads}",
+                                             str(cfg.ffn_hidden)), name
+        assert [head_8k, head_50k] == [millions(n) for n in counts], name
+        assert body == millions(counts[0] - 8192 * cfg.dim), name
+        assert cfg.head_dim == 64 or name == "tiny"
+
+
+def test_per_token_loss_reduction_matches_the_mean():
+    torch.manual_seed(0)
+    model = Llama(tiny())
+    idx = torch.randint(0, VOCAB, (2, 16))
+    targets = idx.clone()
+    targets[0, :4] = -1
+    _, mean = model(idx, targets)
+    _, per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 16) and (per_token[0, :4] == 0).all()
+    torch.testing.assert_close(per_token.sum() / (targets != -1).sum(), mean)

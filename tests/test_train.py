@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from tokenmill import TokenmillError
 from tokenmill.model import Llama, ModelConfig
 from tokenmill.tokens.loader import TokenLoader
 from tokenmill.tokens.pack import pack_documents
 from tokenmill.tokens.tokenizer import train_tokenizer
-from tokenmill.train import loop
-from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokenmill.train import checkpoint, loop
+from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, load_trained_model, save_checkpoint
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.optim import build_adamw
 from tokenmill.train.schedule import constant, cosine, wsd
@@ -134,7 +136,7 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)  # dies half-way through writing step 4
+    monkeypatch.setattr(checkpoint, "_rng_state", crash)  # dies after the shards of step 4, before the rest
     with pytest.raises(OSError):
         save_checkpoint(ckpts, 4, model, opt, {}, keep_last_k=2)
     monkeypatch.undo()
@@ -162,8 +164,12 @@ def test_train_learns_logs_and_checkpoints(tokens, tmp_path):
     train_recs = [r for r in records if "loss" in r]
     val_recs = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20, 25, 30]
-    assert set(train_recs[0]) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
+    assert set(train_recs[0]) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+                                  "peak_memory_gib", "elapsed_s", "loss/prose", "loss/code"}
     assert train_recs[0]["tokens"] == 5 * 8 * SEQ and train_recs[0]["mfu"] is None
+    assert train_recs[0]["peak_memory_gib"] is None  # CUDA only
+    for r in train_recs:  # the mean over all sequences lies between the two domains' means
+        assert min(r["loss/prose"], r["loss/code"]) <= r["loss"] <= max(r["loss/prose"], r["loss/code"])
     assert train_recs[-1]["loss"] < 0.6 * train_recs[0]["loss"]
     assert [r["step"] for r in val_recs] == [10, 20, 30]
     assert set(val_recs[0]) == {"step", "tokens", "val_loss", "val_loss/prose", "val_loss/code"}
@@ -192,7 +198,7 @@ def test_resume_after_crash_is_bit_identical(tokens, tmp_path, monkeypatch):
     monkeypatch.undo()
     summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
 
-    weights = [load_file(p / "checkpoints" / "step-20" / "model.safetensors") for p in (tmp_path / "straight", tmp_path / "resumed")]
+    weights = [load_trained_model(p / "checkpoints")[0].state_dict() for p in (tmp_path / "straight", tmp_path / "resumed")]
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
@@ -227,8 +233,8 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tokens, tmp_path):
     summary = loop.train(model_cfg(), train_cfg(dtype="bfloat16", max_steps=10), tokens, tmp_path, progress=False)
     first = read_metrics(tmp_path)[0]["loss"]
     assert summary["final_loss"] < first
-    weights = load_file(tmp_path / "checkpoints" / "step-10" / "model.safetensors")
-    assert {t.dtype for t in weights.values()} == {torch.float32}
+    stored = FileSystemReader(tmp_path / "checkpoints" / "step-10").read_metadata().state_dict_metadata
+    assert {meta.properties.dtype for key, meta in stored.items() if key.startswith("model.")} == {torch.float32}
 
 
 @pytest.mark.gpu
@@ -238,3 +244,136 @@ def test_cuda_bf16_compiled_training_learns(tokens, tmp_path):
     summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "run", progress=False)
     records = read_metrics(tmp_path / "run")
     assert summary["final_loss"] < 0.6 * records[0]["loss"]
+    assert all(r["peak_memory_gib"] > 0 for r in records if "loss" in r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_cuda_compiled_training_with_activation_checkpointing_learns(tokens, tmp_path, mode):
+    cfg = train_cfg(device="cuda", compile=True, activation_checkpointing=mode, max_steps=30)
+    summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "run", progress=False)
+    assert summary["final_loss"] < 0.6 * read_metrics(tmp_path / "run")[0]["loss"]
+
+
+# ---- parallelize, metrics and continued pretraining -----------------------------------------------
+
+
+@pytest.mark.parametrize("mode, selective_ac, wrapped", [("full", "op", [0, 1, 2]), ("selective", "op", [0, 1, 2]),
+                                                         ("selective", 2, [0, 2])])
+def test_activation_checkpointing_keeps_names_and_gradients(mode, selective_ac, wrapped):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from tokenmill.train.parallelize import parallelize
+
+    torch.manual_seed(0)
+    plain = Llama(model_cfg(n_layers=3))
+    checkpointed = parallelize(Llama(model_cfg(n_layers=3)), train_cfg(activation_checkpointing=mode,
+                                                                       selective_ac=selective_ac), None)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert [i for i, b in enumerate(checkpointed.layers) if isinstance(b, CheckpointWrapper)] == wrapped
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())  # checkpoints and export unaffected
+    x, y = torch.randint(0, VOCAB, (2, SEQ)), torch.randint(0, VOCAB, (2, SEQ))
+    for model in (plain, checkpointed):
+        model(x, y)[1].backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_per_domain_loss_follows_the_mixture(tokens, tmp_path):
+    loop.train(model_cfg(), train_cfg(max_steps=5, domain_weights={"prose": 1.0}), tokens, tmp_path, progress=False)
+    record = read_metrics(tmp_path)[-1]
+    assert "loss/code" not in record and record["loss/prose"] == pytest.approx(record["loss"], rel=1e-6)
+
+
+def test_in_loop_bits_per_byte_per_domain(tokens, tmp_path):
+    heldout = pa.table({"text": [t for docs in DOCS.values() for t in docs],
+                        "domain": [d for d, docs in DOCS.items() for _ in docs]})
+    cfg = train_cfg(max_steps=20, bpb_every=10)
+    with pytest.raises(TokenmillError, match="bpb_every"):
+        loop.train(model_cfg(), cfg, tokens, tmp_path, progress=False)
+    loop.train(model_cfg(), cfg, tokens, tmp_path, bpb_docs=heldout, tokenizer_dir=tokens.parent / "tokenizer",
+               progress=False)
+    bpb = [r for r in read_metrics(tmp_path) if "bpb" in r]
+    assert [r["step"] for r in bpb] == [10, 20]
+    assert set(bpb[0]) == {"step", "tokens", "bpb", "bpb/prose", "bpb/code"}
+    assert min(bpb[0]["bpb/prose"], bpb[0]["bpb/code"]) <= bpb[0]["bpb"] <= max(bpb[0]["bpb/prose"], bpb[0]["bpb/code"])
+    assert bpb[1]["bpb"] < bpb[0]["bpb"]  # the documents are in the training data: it learns them
+
+
+def test_missing_tracker_packages_fail_before_training(tokens, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(TokenmillError, match="pip install tensorboard"):
+        loop.train(model_cfg(), train_cfg(tensorboard=True), tokens, tmp_path / "tb", progress=False)
+    with pytest.raises(TokenmillError, match="pip install wandb"):
+        loop.train(model_cfg(), train_cfg(wandb={"project": "p"}), tokens, tmp_path / "wb", progress=False)
+    assert not latest_checkpoint(tmp_path / "tb" / "checkpoints") and not latest_checkpoint(tmp_path / "wb" / "checkpoints")
+
+
+def test_wandb_gets_every_metric_line_offline(tokens, tmp_path, monkeypatch):
+    logged, inits = [], []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or Run(),
+                                 util=types.SimpleNamespace(generate_id=lambda: "abc123"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    loop.train(model_cfg(), train_cfg(max_steps=10, wandb={"project": "mill"}), tokens, tmp_path, progress=False)
+    assert inits[0]["project"] == "mill" and inits[0]["mode"] == "offline" and inits[0]["id"] == "abc123"
+    assert [step for step, _ in logged[:-1]] == [r["step"] for r in read_metrics(tmp_path)]
+    assert logged[0][1]["loss"] == read_metrics(tmp_path)[0]["loss"] and logged[-1] == "finished"
+
+
+def test_continued_pretraining_from_hf_checkpoint_round_trips(tmp_path):
+    """A zero-learning-rate run from an HF checkpoint exports a model with the source's exact logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tokenmill.recipe import parse_recipe
+    from tokenmill.run import run_recipe
+
+    texts = [t for docs in DOCS.values() for t in docs] * 10
+    source = tmp_path / "hf"
+    tokenizer = train_tokenizer(texts, vocab_size=VOCAB, out_dir=source)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=SEQ, eos_token_id=tokenizer.eos_token_id)).eval()
+    hf.save_pretrained(source)
+    with open(tmp_path / "docs.jsonl", "w") as fh:
+        fh.writelines(json.dumps({"id": str(i), "text": t, "domain": "mixed"}) + "\n" for i, t in enumerate(texts))
+    recipe = parse_recipe({
+        "name": "continue", "sources": [{"path": str(tmp_path / "docs.jsonl")}],
+        "tokenizer": {"path": str(source)}, "model": {"init_from": str(source)},
+        "train": {**train_cfg(lr=0.0, max_steps=2).model_dump(), "eval_every": 2},
+        "eval": {"bpb": False},
+    })
+    run = run_recipe(recipe, tmp_path / "run", progress=False)
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True).eval()
+    idx = torch.randint(0, len(tokenizer), (2, SEQ))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, hf(idx).logits, rtol=1e-6, atol=1e-6)
+    assert json.loads((run / "model" / "config.json").read_text())["vocab_size"] == len(tokenizer)  # unpadded
+
+
+def test_continued_pretraining_needs_the_checkpoints_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenmill.recipe import parse_recipe
+    from tokenmill.run import Runner
+
+    source = tmp_path / "hf"
+    tokenizer = train_tokenizer(["the quick brown fox"] * 20, vocab_size=280, out_dir=source)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4)).save_pretrained(source)
+    train_tokenizer([t for docs in DOCS.values() for t in docs] * 5, vocab_size=VOCAB,
+                    out_dir=tmp_path / "run" / "tokens" / "tokenizer")  # what the tokenizer stage trained
+    recipe = parse_recipe({"name": "c", "sources": [{"path": "x.jsonl"}], "model": {"init_from": str(source)}})
+    with pytest.raises(TokenmillError, match="set tokenizer.path"):
+        Runner(recipe, tmp_path / "run", progress=False).model_config()

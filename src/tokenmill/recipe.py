@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenmill import TokenmillError
 from tokenmill.curate import STEPS
@@ -60,6 +60,13 @@ class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _tokenizer_of_init_checkpoint(self) -> "Recipe":
+        """Continued pretraining keeps the checkpoint's tokenizer unless another one is named."""
+        if self.model.init_from and not self.tokenizer.path:
+            self.tokenizer.path = self.model.init_from
+        return self
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -114,8 +121,8 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; relative source paths are made absolute (from the recipe's
-    folder) so the resolved recipe written into the run folder works from anywhere."""
+    """Read, override and validate a recipe. Relative paths (sources, tokenizer, init checkpoint) are
+    made absolute from the recipe's folder, so the resolved recipe in the run folder works from anywhere."""
     path = Path(path)
     if not path.is_file():
         raise TokenmillError(f"recipe {path} does not exist")
@@ -123,14 +130,22 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise TokenmillError(f"{path}: not valid YAML: {err}") from None
-    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if isinstance(data, dict) \
-        else data
-    recipe = parse_recipe(data, str(path))
-    for src in recipe.sources:
-        p = Path(src.path).expanduser()
-        if not p.is_absolute():
-            src.path = str((path.parent / p).resolve())
-    return recipe
+    if not isinstance(data, dict):
+        return parse_recipe(data, str(path))
+    data = apply_overrides(data, overrides or [])
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
+            src["path"] = _absolute(src["path"], path.parent)
+    for section, key in (("tokenizer", "path"), ("model", "init_from")):
+        part = data.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            part[key] = _absolute(part[key], path.parent)
+    return parse_recipe(data, str(path))
+
+
+def _absolute(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return value if p.is_absolute() else str((base / p).resolve())
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -8,6 +8,7 @@ shard, training from the last checkpoint. ``timings.json`` records each stage's 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -61,7 +62,10 @@ class Runner:
             shutil.rmtree(self.folder.root)
         _check_same_recipe(self.folder, text)
         self.folder.root.mkdir(parents=True, exist_ok=True)
-        self.folder.recipe.write_text(text, encoding="utf-8")
+        if not self.folder.recipe.exists():  # under torchrun every rank gets here: write once, atomically
+            tmp = self.folder.recipe.with_name(f"recipe.yaml.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.folder.recipe)
         self.timings: dict[str, float] = (json.loads(self.folder.timings.read_text())
                                           if self.folder.timings.exists() else {})
 
@@ -115,19 +119,33 @@ class Runner:
         pack_documents([heldout_shard], tok, f.heldout_tokens)
 
     def model_config(self):
-        """The recipe's model with the vocabulary and EOS id of the run's tokenizer."""
+        """The recipe's model with the vocabulary and EOS id of the run's tokenizer. With
+        ``model.init_from`` the shape is the checkpoint's, and the run's tokenizer must be its own."""
         from tokenmill.tokens.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.folder.tokenizer)
-        return self.recipe.model.model_copy(update={"vocab_size": len(tok), "eos_id": tok.eos_token_id})
+        init_from = self.recipe.model.init_from
+        if init_from is None:
+            return self.recipe.model.model_copy(update={"vocab_size": len(tok), "eos_id": tok.eos_token_id})
+        from tokenmill.model.hf import hf_model_config
+
+        if tok.get_vocab() != load_tokenizer(init_from).get_vocab():
+            raise TokenmillError(
+                f"model.init_from={init_from}: the run's tokenizer ({self.folder.tokenizer}) is not the "
+                f"checkpoint's, whose token ids the model was trained on; set tokenizer.path: {init_from}")
+        return hf_model_config(init_from).model_copy(update={"init_from": init_from, "eos_id": tok.eos_token_id})
 
     def train(self) -> None:
+        """Also the whole of ``tokenmill train RUN``, which ``torchrun`` starts once per rank."""
+        from tokenmill.train.distributed import is_main_process
         from tokenmill.train.loop import train
 
-        f = self.folder
-        summary = train(self.model_config(), self.recipe.train, f.train_tokens, f.train,
-                        val_tokens_dir=f.heldout_tokens, progress=self.progress)
-        write_json_atomic(summary, f.train / "summary.json")
+        f, cfg = self.folder, self.recipe.train
+        summary = train(self.model_config(), cfg, f.train_tokens, f.train, val_tokens_dir=f.heldout_tokens,
+                        bpb_docs=pq.read_table(f.heldout) if cfg.bpb_every else None, tokenizer_dir=f.tokenizer,
+                        progress=self.progress)
+        if is_main_process():
+            write_json_atomic(summary, f.train / "summary.json")
 
     def export(self) -> None:
         from tokenmill.model.hf import export_hf

@@ -80,14 +80,14 @@ def _rope_theta(hf_config) -> float:
     return float(params["rope_theta"])
 
 
-def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
-    """Load a local HF Llama-family checkpoint (config.json + *.safetensors) for continued pretraining.
+def hf_model_config(path: Path) -> ModelConfig:
+    """The ``ModelConfig`` of a local HF Llama-family checkpoint folder, refusing what our Llama lacks.
     The vocabulary is kept exactly (no padding) so logits match the source model."""
     from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise TokenmillError(f"{path} has no config.json: point import_hf at a Hugging Face model folder")
+        raise TokenmillError(f"{path} has no config.json: point at a Hugging Face model folder")
     hf = AutoConfig.from_pretrained(path)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     unsupported = {
@@ -100,7 +100,7 @@ def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
         bad = ", ".join(k for k, v in unsupported.items() if v)
         raise TokenmillError(f"{path / 'config.json'}: {bad} not supported by tokenmill's Llama")
     eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=hf.vocab_size,
         pad_vocab_to=1,
         dim=hf.hidden_size,
@@ -115,18 +115,21 @@ def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
         init_std=getattr(hf, "initializer_range", 0.02),
         eos_id=eos,
     )
+
+
+def load_hf_weights(model: Llama, path: Path) -> None:
+    """Copy the safetensors weights of HF checkpoint ``path`` into ``model`` (built from its config)."""
+    path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise TokenmillError(f"{path} has no *.safetensors weights: re-save the model with safe_serialization")
     hf_state: dict[str, torch.Tensor] = {}
     for f in files:
         hf_state.update(load_file(f))
-
-    model = Llama(cfg)
     missing = []
     with torch.no_grad():
         for name, p in model.state_dict().items():
-            if cfg.tie_embeddings and name == "lm_head.weight":
+            if model.cfg.tie_embeddings and name == "lm_head.weight":
                 continue
             src = hf_state.get(_hf_key(name))
             if src is None:
@@ -135,4 +138,11 @@ def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
                 p.copy_(src)
     if missing:
         raise TokenmillError(f"{path}: weights missing from the safetensors files: {', '.join(missing[:5])}")
+
+
+def import_hf(path: Path) -> tuple[Llama, ModelConfig]:
+    """Load a local HF Llama-family checkpoint (config.json + *.safetensors) as our Llama."""
+    cfg = hf_model_config(path)
+    model = Llama(cfg)
+    load_hf_weights(model, path)
     return model, cfg

@@ -3,7 +3,26 @@
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``,
 ``layers.i.self_attn.q_proj``, ...) and RoPE uses the same ``rotate_half`` layout, so export and import
 are a rename of the ``model.`` prefix, never a permutation. The model knows nothing of parallelism:
-``train/`` applies compile and sharding from outside.
+``train/parallelize.py`` applies checkpointing, compile and sharding from outside.
+
+Presets (shapes only; the run sets ``vocab_size`` and ``eos_id`` from its tokenizer). "Body" is the
+blocks plus the final norm; the head columns add the output projection at two vocabularies (the
+FLOP-counted N of ``flops_per_token`` is body + head; the input embedding is a lookup):
+
+| preset | dim  | layers | heads q/kv | ffn  | body   | + head @ 8192 | + head @ 50304 | shape of          |
+|--------|------|--------|------------|------|--------|---------------|----------------|-------------------|
+| tiny   | 64   | 2      | 4/2        | 192  | 0.1M   | 0.6M          | 3.3M           | tests             |
+| 20M    | 384  | 12     | 6/6        | 1024 | 21.2M  | 24.4M         | 40.6M          | data ablations    |
+| 60M    | 640  | 12     | 10/10      | 1728 | 59.5M  | 64.7M         | 91.7M          | data ablations    |
+| 124M   | 768  | 12     | 12/12      | 2048 | 85.0M  | 91.2M         | 123.6M         | GPT-2 small       |
+| 350M   | 1024 | 24     | 16/16      | 2752 | 303.6M | 312.0M        | 355.1M         | GPT-2 medium      |
+| 1B     | 2048 | 16     | 32/8       | 8192 | 973.1M | 989.9M        | 1076.2M        | Llama-3.2-1B      |
+
+20M and 60M are named by their body (at tokenmill's default 8192-token vocabulary the head adds
+little); 124M and 350M by body + head at GPT-2's padded 50304, GPT-2's own (tied) count. The SwiGLU
+width 8/3·dim (rounded up to 64) keeps each block at GPT-2's 12·dim² parameters. 1B is Llama-3.2-1B
+exactly: GQA 32/8, ffn 8192, tied embeddings, RoPE base 500000 (1.24B with its 128k vocabulary).
+All use head_dim 64, RMSNorm, RoPE and SwiGLU with no biases, as the Llama family does.
 """
 
 from __future__ import annotations
@@ -16,16 +35,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-# Shapes only; the run sets ``vocab_size`` and ``eos_id`` from its tokenizer. Up to 60M the name is the
-# rough non-embedding size; 124M and 350M are GPT-2 small/medium (tied-embedding count, vocab 50304);
-# 1B has Llama-3.2-1B's width, depth and heads (GQA 32/8).
+# The table in the module docstring gives each shape's parameter counts.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "20M": dict(dim=384, n_layers=12, n_heads=6, max_seq_len=1024),
     "60M": dict(dim=640, n_layers=12, n_heads=10, max_seq_len=1024),
     "124M": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350M": dict(dim=1024, n_layers=24, n_heads=16, max_seq_len=1024),
-    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, tie_embeddings=True,
+               rope_theta=500000.0, max_seq_len=2048),
 }
 
 
@@ -60,6 +78,12 @@ class ModelConfig(BaseModel):
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of every weight matrix.")
     eos_id: int | None = Field(
         None, ge=0, description="End-of-document token id (set by the run); needed for document masking."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Continue pretraining a local Hugging Face Llama-family checkpoint folder: its config.json "
+        "sets the shape (the shape fields here are replaced) and its weights the starting point; the run "
+        "then uses its tokenizer.",
     )
 
     @model_validator(mode="before")
@@ -191,11 +215,16 @@ class Llama(nn.Module):
         self.rope_sin.copy_(angles.sin())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_mask: bool = False
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        doc_mask: bool = False,
+        reduction: Literal["mean", "none"] = "mean",
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, padded_vocab] for token ids ``idx`` [B, T]; with ``targets`` [B, T] also the
-        mean cross-entropy (in fp32; targets of -1 are ignored). ``doc_mask`` stops attention across
-        ``cfg.eos_id`` boundaries (an explicit mask: SDPA then leaves its flash path)."""
+        cross-entropy in fp32 (targets of -1 are ignored): the mean, or with ``reduction="none"`` per
+        token [B, T] (0 where ignored), which per-domain losses need. ``doc_mask`` stops attention
+        across ``cfg.eos_id`` boundaries (an explicit mask: SDPA then leaves its flash path)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -211,8 +240,8 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction)
+        return logits, loss.view_as(targets) if reduction == "none" else loss
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count; ``exclude_embedding`` drops the input embedding table (a lookup, not a

@@ -2,8 +2,15 @@
 
 Everything is written into ``step-N.tmp/``, flushed to disk, then renamed with ``os.replace``; a crash
 leaves at most a ``.tmp`` folder, which ``latest_checkpoint`` never returns and the next save removes.
-A folder holds the model (safetensors), the optimizer state, the RNG states and ``state.json`` (step,
-configs, loader position), which is all a run needs to continue bit-identically.
+A folder holds the model and optimizer state (torch.distributed.checkpoint), each rank's RNG states
+and ``state.json`` (step, configs, loader position), which is all a run needs to continue
+bit-identically.
+
+One format for every world size: model and optimizer state are saved by parameter name, each rank
+writing its own shards, and loading reshards to whatever layout the loading model has. A run trained
+on 2 GPUs with FSDP2 resumes on 1 (or 8), and ``load_trained_model`` reads it in a plain process.
+Under ``torchrun`` every rank calls the save and load functions; the folder must be on storage that
+all ranks see.
 """
 
 from __future__ import annotations
@@ -13,13 +20,21 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from tokenmill import TokenmillError
 from tokenmill.model.llama import Llama, ModelConfig
@@ -42,6 +57,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _dcp(op, sharded: dict[str, Any], path: Path) -> None:
+    """``dcp.save`` or ``dcp.load``, in a process group or alone; alone, DCP warns on every call about
+    what is, here, the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        op(sharded, checkpoint_id=path, no_dist=not dist.is_initialized())
 
 
 def _fsync_tree(root: Path) -> None:
@@ -72,37 +104,51 @@ def save_checkpoint(
     keep_last_k: int,
 ) -> Path:
     """Write ``ckpt_dir/step-{step}`` atomically, then delete all but the ``keep_last_k`` newest.
-    ``state`` is JSON metadata (configs, loader position, counters) returned by ``load_checkpoint``."""
+    ``state`` is JSON metadata (configs, loader position, counters) returned by ``load_checkpoint``.
+    Rank 0 prepares, publishes and prunes the folder; every rank writes its shards and RNG states."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (e.g. a rerun of the last one): swap the old copy out
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-    for old in ckpt_dir.glob("step-*.tmp"):
-        shutil.rmtree(old, ignore_errors=True)
-    for _, old in checkpoints(ckpt_dir)[:-keep_last_k]:
-        shutil.rmtree(old)
+    main = _rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    sharded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    _dcp(dcp.save, sharded, tmp)
+    torch.save(_rng_state(), tmp / f"rng-{_rank()}.pt")
+    _barrier()
+    if main:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. a rerun of the last one): swap the old copy out
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in ckpt_dir.glob("step-*.tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+        for _, old in checkpoints(ckpt_dir)[:-keep_last_k]:
+            shutil.rmtree(old)
+    _barrier()
     return final
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Any]:
-    """Restore weights (and optimizer and RNG states when an optimizer is given); return ``state``."""
+    """Restore weights (and optimizer and RNG states when an optimizer is given), resharded to the
+    model's current layout; return ``state``."""
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    if not (path / ".metadata").is_file():
+        raise TokenmillError(f"{path} is not a complete tokenmill checkpoint (no .metadata): delete it and resume")
+    sharded = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        sharded["optim"] = get_optimizer_state_dict(model, optimizer)
+    _dcp(dcp.load, sharded, path)
+    set_model_state_dict(model, sharded["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, sharded["optim"])
+        rng = path / f"rng-{_rank()}.pt"
+        if rng.is_file():  # a rank the saving run did not have starts from its seeded state
+            _set_rng_state(torch.load(rng, weights_only=False))
     return json.loads((path / "state.json").read_text())
 
 
@@ -114,5 +160,5 @@ def load_trained_model(ckpt_dir: Path) -> tuple[Llama, ModelConfig]:
     state = json.loads((path / "state.json").read_text())
     cfg = ModelConfig.model_validate(state["model_config"])
     model = Llama(cfg)
-    load_model(model, str(path / "model.safetensors"))
+    load_checkpoint(path, model)
     return model.eval(), cfg

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill import TokenmillError
+
+
+class WandbConfig(BaseModel):
+    """Weights & Biases logging; offline by default, so a run never needs the network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="W&B project the run is filed under.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="'offline' writes under train/wandb/ (sync later with `wandb sync`); 'online' uploads."
+    )
 
 
 class TrainConfig(BaseModel):
@@ -23,7 +34,8 @@ class TrainConfig(BaseModel):
         "Must be a multiple of micro_batch_size · seq_len · world_size.",
     )
     max_steps: int = Field(1000, gt=0, description="Optimizer steps to train for.")
-    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(6e-4, ge=0, description="Peak learning rate; 0 leaves the weights as they are (a dry run "
+                      "that still measures the loss).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps from ~0 to lr.")
     schedule: Literal["cosine", "wsd", "constant"] = Field(
@@ -44,6 +56,16 @@ class TrainConfig(BaseModel):
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu) or a torch device string.")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="Recompute activations in the backward pass to save memory: 'full' recomputes every "
+        "block, 'selective' as set by selective_ac.",
+    )
+    selective_ac: Annotated[int, Field(ge=1)] | Literal["op"] = Field(
+        "op",
+        description="selective only: 'op' keeps each block's matmul and attention outputs and recomputes its "
+        "cheap elementwise ops (norms, SiLU, RoPE); an integer k recomputes every k-th block whole.",
+    )
     seed: int = Field(0, description="Seed for initialisation and the data order.")
     eval_every: int = Field(200, gt=0, description="Validation loss every this many steps (and at the end).")
     eval_windows_per_domain: int = Field(
@@ -52,6 +74,15 @@ class TrainConfig(BaseModel):
     ckpt_every: int = Field(500, gt=0, description="Checkpoint every this many steps (and at the end).")
     keep_last_k: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
     log_every: int = Field(10, gt=0, description="Write a metrics line every this many steps.")
+    bpb_every: int | None = Field(
+        None, gt=0, description="Bits per byte per domain on the held-out documents every this many steps "
+        "(and at the end); null turns it off."
+    )
+    bpb_docs_per_domain: int = Field(
+        16, gt=0, description="Held-out documents per domain scored by the in-loop bits-per-byte (keeps it cheap)."
+    )
+    tensorboard: bool = Field(False, description="Also write metrics to train/tensorboard/ (needs tensorboard).")
+    wandb: WandbConfig | None = Field(None, description="Also log metrics to Weights & Biases (needs wandb).")
     domain_weights: dict[str, float] | None = Field(
         None, description="Sampling weight per domain for the loader; None = natural proportions."
     )

@@ -1,0 +1,206 @@
+"""Training throughput: tokenmill's Llama beside HF transformers' Llama and litgpt's GPT of the same shape.
+
+Default: the GPT-2-124M shape (12 layers x 768, 12 heads, seq 1024, vocab 50304), bf16 autocast,
+torch.compile, micro-batch 16, fused AdamW (tokenmill's decay split for every contender), gradient
+clipping at 1.0, as the training loop does. tokenmill's model goes through ``train.parallelize``, so
+its activation checkpointing and compile are what a run uses. Each contender is built, warmed up
+(compilation happens there), then timed over ``--steps`` optimizer steps between CUDA syncs; it
+reports tokens/s, MFU (6N + attention FLOPs of the shape, the loop's count, against the device's bf16
+peak from ``train.loop.PEAK_BF16_FLOPS``) and peak memory. The batches are random tokens: throughput
+does not depend on the text, so the benchmark needs no corpus.
+
+    PYTHONPATH=src python benchmarks/train_speed.py                    # 124M: tokenmill, HF, litgpt
+    PYTHONPATH=src python benchmarks/train_speed.py --preset 350M --ac none,selective,full
+    PYTHONPATH=src python benchmarks/train_speed.py --preset 1B --micro-batch 8 --ac none,full
+    PYTHONPATH=src python benchmarks/train_speed.py --smoke            # CPU, tiny shape, 3 steps
+
+Prints one JSON line. litgpt is measured when importable (``pip install litgpt``), else noted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model.llama import Llama, ModelConfig
+from tokenmill.train.config import TrainConfig
+from tokenmill.train.loop import peak_flops
+from tokenmill.train.optim import build_adamw
+from tokenmill.train.parallelize import parallelize
+
+Step = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _trainer(model: torch.nn.Module, loss_fn, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    """One optimizer step as the loop takes it: autocast forward, backward, clip, fused AdamW."""
+    optimizer = build_adamw(model, tcfg, device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def tokenmill_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    model = parallelize(Llama(cfg).to(device), tcfg, None, bf16=bf16)
+    return _trainer(model, lambda x, y: model(x, y)[1], tcfg, device, bf16)
+
+
+def hf_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf_cfg).to(device).train()
+    forward = torch.compile(model) if tcfg.compile else model
+    return _trainer(model, lambda x, y: forward(input_ids=x, labels=x).loss, tcfg, device, bf16)
+
+
+def litgpt_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    lit_cfg = Config(
+        name="tokenmill-shape", block_size=cfg.max_seq_len, vocab_size=cfg.padded_vocab_size,
+        padded_vocab_size=cfg.padded_vocab_size, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.dim,
+        n_query_groups=cfg.n_kv_heads, rotary_percentage=1.0, parallel_residual=False, bias=False,
+        norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP",
+        intermediate_size=cfg.ffn_hidden, rope_base=int(cfg.rope_theta),
+    )
+    model = GPT(lit_cfg).to(device).train()
+    forward = torch.compile(model) if tcfg.compile else model
+
+    def loss(x, y):
+        return F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten())
+
+    return _trainer(model, loss, tcfg, device, bf16)
+
+
+def measure(build: Callable[[], Step], batch: tuple[torch.Tensor, torch.Tensor], warmup: int, steps: int,
+            device: torch.device, flops_per_token: float, peak: float | None) -> dict:
+    """Tokens/s over ``steps`` timed steps after ``warmup`` untimed ones; peak memory over both."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    step = build()
+    for _ in range(warmup):
+        step(*batch)
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*batch)
+    if cuda:
+        torch.cuda.synchronize(device)
+    tokens_per_s = steps * batch[0].numel() / (time.perf_counter() - start)
+    return {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+    }
+
+
+def _release() -> None:
+    """Free one contender's model, optimizer and compiled graphs before the next is built."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="124M", help="tokenmill model preset (default 124M)")
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--ac", default="none", help="tokenmill activation checkpointing modes to measure, "
+                                                     "comma-separated: none, selective, full")
+    parser.add_argument("--peers", default="hf,litgpt", help="peers to measure: hf, litgpt (comma-separated; "
+                                                              "empty for none)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, fp32, no compile, a tiny shape and 3 steps: checks the benchmark runs")
+    args = parser.parse_args()
+
+    if args.smoke:
+        device, bf16, compile_ = torch.device("cpu"), False, False
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64)
+        micro_batch, seq, warmup, steps = 2, 64, 1, 3
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("train_speed: needs a CUDA device (or --smoke to check it runs on CPU)")
+        device, bf16, compile_ = torch.device("cuda"), True, not args.no_compile
+        torch.set_float32_matmul_precision("high")
+        cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq, 1024))
+        micro_batch, seq, warmup, steps = args.micro_batch, args.seq, args.warmup, args.steps
+
+    with torch.device("meta"):
+        flops_per_token = Llama(cfg).flops_per_token(seq)
+    peak = peak_flops(device, bf16)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device)
+    batch = (x, torch.roll(x, -1, dims=1))
+    base = dict(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=micro_batch * seq,
+                compile=compile_, device=str(device), dtype="bfloat16" if bf16 else "float32")
+
+    results: dict[str, dict] = {}
+    contenders: list[tuple[str, Callable[[], Step]]] = []
+    for mode in args.ac.split(","):
+        tcfg = TrainConfig(**base, activation_checkpointing=mode)
+        name = "tokenmill" if mode == "none" else f"tokenmill[ac={mode}]"
+        contenders.append((name, lambda tcfg=tcfg: tokenmill_step(cfg, tcfg, device, bf16)))
+    peers = {"hf": ("hf_llama", hf_step), "litgpt": ("litgpt", litgpt_step)}
+    for peer in filter(None, args.peers.split(",")):
+        name, build = peers[peer]
+        if peer == "litgpt" and cfg.tie_embeddings:
+            results[name] = {"skipped": "litgpt's GPT has no tied embeddings; this preset ties them"}
+            continue
+        contenders.append((name, lambda build=build: build(cfg, TrainConfig(**base), device, bf16)))
+
+    for name, build in contenders:
+        try:
+            results[name] = measure(build, batch, warmup, steps, device, flops_per_token, peak)
+        except ImportError as err:
+            results[name] = {"skipped": f"{err.name} is not importable (pip install {err.name})"}
+        except torch.cuda.OutOfMemoryError:
+            results[name] = {"error": f"CUDA out of memory at micro-batch {micro_batch}"}
+        _release()
+
+    ours = results.get("tokenmill", {}).get("tokens_per_s")
+    ratios = {f"tokenmill_vs_{peer}": round(ours / r["tokens_per_s"], 3)
+              for peer, r in results.items() if ours and "tokens_per_s" in r and not peer.startswith("tokenmill")}
+    print(json.dumps({
+        "benchmark": "train_speed",
+        "smoke": args.smoke,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": {"preset": None if args.smoke else args.preset, "dim": cfg.dim, "n_layers": cfg.n_layers,
+                  "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "ffn_hidden": cfg.ffn_hidden,
+                  "vocab": cfg.padded_vocab_size, "tied": cfg.tie_embeddings},
+        "seq_len": seq, "micro_batch": micro_batch, "dtype": "bfloat16" if bf16 else "float32",
+        "compile": compile_, "warmup_steps": warmup, "timed_steps": steps,
+        "flops_per_token": flops_per_token, "peak_flops": peak,
+        "torch": torch.__version__, "results": results, **ratios,
+    }))
+
+
+if __name__ == "__main__":
+    main()
