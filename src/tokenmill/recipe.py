@@ -140,7 +140,26 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         part = data.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             part[key] = _absolute(part[key], path.parent)
+    curate = data.get("curate")
+    if isinstance(curate, dict) and isinstance(curate.get("steps"), list):
+        _absolute_step_paths(curate["steps"], path.parent)
     return parse_recipe(data, str(path))
+
+
+def _absolute_step_paths(node: Any, base: Path) -> None:
+    """Inside step params, keys named ``path``, ``*_path`` or ``*_paths`` are file paths."""
+    if isinstance(node, list):
+        for item in node:
+            _absolute_step_paths(item, base)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "path" or key.endswith("_path"):
+                if isinstance(value, str):
+                    node[key] = _absolute(value, base)
+            elif key.endswith("_paths") and isinstance(value, list):
+                node[key] = [_absolute(v, base) if isinstance(v, str) else v for v in value]
+            else:
+                _absolute_step_paths(value, base)
 
 
 def _absolute(value: str, base: Path) -> str:

@@ -62,6 +62,12 @@ class Step(ABC):
     def needs_fit(self) -> bool:
         return type(self).fit_map is not Step.fit_map
 
+    @property
+    def fit_rounds(self) -> int:
+        """Map/reduce passes before ``process``; each pass sees the state the previous one fitted
+        (e.g. a selection step fits its scorer, then finds its global cut-off)."""
+        return int(self.needs_fit)
+
     def fit_map(self, table: pa.Table) -> Any:  # pragma: no cover - overridden where needed
         raise NotImplementedError
 

@@ -80,7 +80,7 @@ def run_step(index: int, step: Step, input_dir: Path, root: Path, executor, keep
     t0 = time.perf_counter()
     shards = list_shards(input_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if step.needs_fit:
+    for _ in range(step.fit_rounds):
         step.fit_reduce(executor.map(_fit_map, [(step, s) for s in shards], desc=f"{step.name} fit"))
     todo = [s for s in shards if not (out_dir / s.name.replace(".parquet", ".stats.json")).exists()]
     executor.map(_process_shard, [(step, s, out_dir, keep_rejected) for s in todo], desc=step.name)
