@@ -128,12 +128,47 @@ def _default_domain(path: Path) -> str:
     return path.name.split(".")[0]
 
 
+_ZSTD_CHUNK = 1 << 20
+
+class ZstdFile(io.RawIOBase):
+    """A .zst stream that raises EOFError when the file ends inside a frame, as gzip does, where
+    zstandard's stream_reader ends quietly: a cut file must be reported, not read as complete.
+    Concatenated frames are read one after the other."""
+
+    def __init__(self, path):
+        self._raw = open(path, "rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending, self._offset = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset == len(self._pending):
+            if self._frame.eof:  # the frame ended: what follows starts a new one, or the file is done
+                data = self._frame.unused_data or self._raw.read(_ZSTD_CHUNK)
+                if not data:
+                    return 0
+                self._frame = zstandard.ZstdDecompressor().decompressobj()
+            elif not (data := self._raw.read(_ZSTD_CHUNK)):
+                raise EOFError("the .zst file ends inside a frame: it was cut short")
+            self._pending, self._offset = self._frame.decompress(data), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = memoryview(self._pending)[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(ZstdFile(path))
     return open(path, "rb")
 
 

@@ -27,7 +27,10 @@ def list_shards(directory: Path) -> list[Path]:
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    # No min/max statistics on the text: for a multi-MB document they are another copy of it, and
+    # nothing filters shards by text range.
+    stats_columns = [name for name in table.column_names if name != "text"]
+    pq.write_table(table, tmp, compression="zstd", write_statistics=stats_columns)
     os.replace(tmp, path)
 
 
