@@ -38,8 +38,8 @@ def make_run(root: Path) -> Path:
     for stats, folder in [(READ, "read"), (STEPS[0], "01-gopher"), (STEPS[1], "02-minhash")]:
         (root / "curate" / folder).mkdir(parents=True)
         (root / "curate" / folder / "stats.json").write_text(json.dumps(stats))
-    (root / "tokens").mkdir()
-    (root / "tokens" / "meta.json").write_text(json.dumps(TOKENS))
+    (root / "tokens" / "train").mkdir(parents=True)
+    (root / "tokens" / "train" / "meta.json").write_text(json.dumps(TOKENS))
     (root / "train").mkdir()
     lines = [{"step": s, "tokens": 4096 * s, "loss": 9.0 - 0.05 * s, "tokens_per_s": 1000.0 + s,
               "mfu": 0.3 + s / 1000} for s in range(1, 60)]
@@ -87,7 +87,7 @@ def test_report_is_self_contained_and_escaped(tmp_path):
 def test_recipe_only_run_renders_with_sections_not_run(tmp_path):
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     page = write_report(tmp_path).read_text(encoding="utf-8")
-    for missing in ("timings.json", "curate/*/stats.json", "tokens/meta.json", "train/metrics.jsonl",
+    for missing in ("timings.json", "curate/*/stats.json", "tokens/train/meta.json", "train/metrics.jsonl",
                     "eval/bpb.json", "model/"):
         assert f"Not run: {missing}" in page
     assert "data:image/png" not in page

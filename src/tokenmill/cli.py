@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     _add_run_args(p)
 
+    p = sub.add_parser("train", help="run only the train stage of an existing run folder (torchrun-able)",
+                       description="Train (or resume training) the model of RUN from its recipe.yaml and packed "
+                                   "tokens. Run it under torchrun for FSDP2 over several GPUs: torchrun "
+                                   "--nproc_per_node=N -m tokenmill train RUN, or pass --nproc N.")
+    p.add_argument("run", type=Path, help="run folder (made by `tokenmill run`, packed at least)")
+    p.add_argument("--nproc", type=_positive_int, help="start N processes on this node with torchrun")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("validate", help="check a recipe and report every error at once")
     p.add_argument("recipe", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -56,18 +64,123 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder")
     p.add_argument("run", type=Path, help="run folder")
+
+    p = sub.add_parser("eval", help="evaluate a run's model: harness tasks, membership inference, bits per byte",
+                       description="Evaluate RUN/model, write the results into RUN/eval/ and rebuild the report.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--harness", nargs="?", const="", metavar="TASK[,TASK]",
+                   help="lm-evaluation-harness tasks (without a value: the bundled tokenmill_cloze and "
+                        "tokenmill_realcont); writes eval/harness.json")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task")
+    p.add_argument("--task-dir", type=Path, metavar="DIR", help="folder of extra task YAML files with local data")
+    p.add_argument("--backend", choices=["tokenmill", "hf"], default="tokenmill",
+                   help="load the model into tokenmill's Llama (default) or lm_eval's transformers model")
+    members = p.add_mutually_exclusive_group()
+    members.add_argument("--membership", nargs=2, type=Path, metavar=("MEMBERS.jsonl", "NONMEMBERS.jsonl"),
+                         help="texts seen in training and texts never seen; writes eval/membership.json")
+    members.add_argument("--membership-auto", type=_positive_int, metavar="N",
+                         help="membership inference on N curated training documents against N held-out ones")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--bpb", action="store_true", help="recompute eval/bpb.json (bits per byte per domain)")
+
+    p = sub.add_parser("compare", help="compare runs at equal tokens and at equal compute",
+                       description="One table and plots of every evaluation of the runs against tokens seen "
+                                   "and training FLOPs; writes OUT/compare.html and OUT/compare.json.")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders (two or more)")
+    p.add_argument("--out", type=Path, required=True, help="folder for compare.html and compare.json")
+    p.add_argument("--fit", action="store_true", help="fit a scaling law to the runs' final validation losses")
+    p.add_argument("--bootstrap", type=_positive_int, default=200, metavar="N",
+                   help="bootstrap resamples for the fit's intervals (default 200)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from tokenmill.evaluate import run_eval
+    from tokenmill.report.html import write_report
+
+    if args.harness is None and not (args.membership or args.membership_auto or args.bpb):
+        raise TokenmillError("eval: nothing to evaluate; pass --harness, --membership, --membership-auto or --bpb")
+    run_eval.model_dir(args.run)
+    if args.bpb:
+        print(run_eval.bpb_table(run_eval.eval_bpb(args.run)))
+    if args.harness is not None:
+        tasks = [t for t in args.harness.split(",") if t] or None
+        print(run_eval.harness_table(run_eval.eval_harness(args.run, tasks, task_dir=args.task_dir,
+                                                           backend=args.backend, limit=args.limit)))
+    if args.membership or args.membership_auto:
+        if args.membership:
+            members, nonmembers = (run_eval.read_texts(f, args.text_field) for f in args.membership)
+            source = {"members": str(args.membership[0]), "nonmembers": str(args.membership[1])}
+        else:
+            members, nonmembers, source = run_eval.auto_membership_texts(args.run, args.membership_auto)
+        print(run_eval.membership_table(run_eval.eval_membership(args.run, members, nonmembers, source)))
+    print(write_report(args.run))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from tokenmill.evaluate.compare import compare_runs, summary_table
+    from tokenmill.report.compare_html import write_compare
+
+    result = compare_runs(args.runs, fit=args.fit, n_bootstrap=args.bootstrap)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    print(f"at equal tokens ({result['equal_tokens']['tokens']:,.0f}):")
+    print(summary_table(result, "equal_tokens"))
+    print(f"\nat equal compute ({result['equal_compute']['flops']:.3g} FLOPs):")
+    print(summary_table(result, "equal_compute"))
+    if "fit" in result:
+        fit = result["fit"]
+        intervals = fit["intervals"]
+        print(f"\n{fit['formula']} on {fit['target']}: " + ", ".join(
+            f"{k} = {v:.4g}" + (f" [{intervals[k][0]:.4g}, {intervals[k][1]:.4g}]" if k in intervals else "")
+            for k, v in fit["params"].items()))
+    print(write_compare(result, args.out))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """The train stage of ``args.run``; with ``--nproc``, this same command relaunched under torchrun."""
+    if args.nproc:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "tokenmill", "train", str(args.run), *(["--no-progress"] if args.no_progress else [])]
+        return subprocess.run(cmd).returncode
+    from tokenmill.recipe import load_recipe
+    from tokenmill.run import Runner
+
+    if not (args.run / "recipe.yaml").is_file():
+        raise TokenmillError(f"{args.run} is not a run folder (no recipe.yaml): make it with "
+                             f"`tokenmill run RECIPE --out {args.run}`")
+    Runner(load_recipe(args.run / "recipe.yaml"), args.run, progress=not args.no_progress).train()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            return _train(args)
+
         if args.command == "report":
             from tokenmill.report.html import write_report
 
             if not (args.run / "recipe.yaml").exists():
                 raise TokenmillError(f"{args.run} is not a run folder (no recipe.yaml)")
             print(write_report(args.run))
+            return 0
+
+        if args.command == "eval":
+            _evaluate(args)
+            return 0
+
+        if args.command == "compare":
+            _compare(args)
             return 0
 
         if args.command == "inspect":

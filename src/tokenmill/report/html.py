@@ -34,9 +34,10 @@ tr.total td { font-weight: 600; border-top: 2px solid #aab4bf; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .85rem; }
 .not-run { color: #8a6d00; font-style: italic; }
 img { max-width: 100%; }
+.warning { background: #fff4d6; border-left: 4px solid #d99a00; padding: .5rem .8rem; }
+td.best { font-weight: 700; }
+td.not-comparable { color: #8a8f96; text-decoration: line-through; }
 """
-
-_SECTIONS = ("recipe", "timings", "curation", "tokens", "training", "evaluation", "model")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -45,26 +46,31 @@ def write_report(run_dir: Path) -> Path:
     recipe = run_dir / "recipe.yaml"
     if not recipe.is_file():
         raise TokenmillError(f"{recipe} not found: a report needs a run folder made by `tokenmill run`")
-    timings = _read_json(run_dir / "timings.json")
+    timings = read_json(run_dir / "timings.json")
     bodies = {
         "recipe": _recipe(recipe),
         "timings": _timings(timings),
         "curation": _curation(run_dir / "curate"),
-        "tokens": _tokens(_read_json(run_dir / "tokens" / "meta.json")),
-        "training": _training(_read_jsonl(run_dir / "train" / "metrics.jsonl"), timings),
-        "evaluation": _evaluation(_read_json(run_dir / "eval" / "bpb.json")),
+        "tokens": _tokens(read_json(run_dir / "tokens" / "train" / "meta.json")),
+        "training": _training(read_jsonl(run_dir / "train" / "metrics.jsonl"), timings),
+        "evaluation": _evaluation(run_dir / "eval"),
         "model": _model(run_dir / "model"),
     }
-    nav = " ".join(f'<a href="#{name}">{name.capitalize()}</a>' for name in _SECTIONS)
-    sections = "\n".join(
-        f'<section id="{name}"><h2>{name.capitalize()}</h2>\n{bodies[name]}</section>' for name in _SECTIONS
-    )
-    title = escape(f"tokenmill run {run_dir.resolve().name}")
+    return write_page(run_dir / "report.html", f"tokenmill run {run_dir.resolve().name}", bodies)
+
+
+def write_page(out: Path, title: str, sections: dict[str, str]) -> Path:
+    """Write a report page atomically: ``sections`` maps a section name to its HTML body, in order,
+    each linked from the navigation bar at the top."""
+    nav = " ".join(f'<a href="#{name}">{escape(name.capitalize())}</a>' for name in sections)
+    body = "\n".join(f'<section id="{name}"><h2>{escape(name.capitalize())}</h2>\n{html}</section>'
+                     for name, html in sections.items())
+    title = escape(title)
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head>\n<body><h1>{title}</h1>\n<nav>{nav}</nav>\n{sections}\n</body></html>\n"
+        f"<style>{_CSS}</style></head>\n<body><h1>{title}</h1>\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
     )
-    out = run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
@@ -74,7 +80,7 @@ def write_report(run_dir: Path) -> Path:
 # ---- reading ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
@@ -83,7 +89,7 @@ def _read_json(path: Path) -> Any:
         raise TokenmillError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); rerun the stage that wrote it")
 
 
-def _read_jsonl(path: Path) -> list[dict] | None:
+def read_jsonl(path: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     records = []
@@ -99,19 +105,19 @@ def _read_jsonl(path: Path) -> list[dict] | None:
 # ---- html pieces ----------------------------------------------------------------------------------
 
 
-def _not_run(what: str) -> str:
+def not_run(what: str) -> str:
     return f'<p class="not-run">Not run: {escape(what)} not found.</p>'
 
 
-def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], total: Iterable[Any] | None = None) -> str:
+def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], total: Iterable[Any] | None = None) -> str:
     head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
-    lines = ["<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows]
+    lines = ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows]
     if total is not None:
-        lines.append('<tr class="total">' + "".join(f"<td>{_cell(v)}</td>" for v in total) + "</tr>")
+        lines.append('<tr class="total">' + "".join(f"<td>{cell(v)}</td>" for v in total) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -121,7 +127,7 @@ def _cell(value: Any) -> str:
     return escape(str(value))
 
 
-def _png(fig: Figure) -> str:
+def png(fig: Figure) -> str:
     """The figure as an inline <img>, rendered by the Agg canvas without touching pyplot's global state."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -145,23 +151,23 @@ def _recipe(path: Path) -> str:
 
 def _timings(timings: dict | None) -> str:
     if timings is None:
-        return _not_run("timings.json")
+        return not_run("timings.json")
     rows = [(stage, float(seconds)) for stage, seconds in timings.items()]
-    return _table(["stage", "seconds"], rows, total=["total", sum(s for _, s in rows)])
+    return table(["stage", "seconds"], rows, total=["total", sum(s for _, s in rows)])
 
 
 def _curation(curate_dir: Path) -> str:
-    read = _read_json(curate_dir / "read" / "stats.json")
+    read = read_json(curate_dir / "read" / "stats.json")
     steps = [
-        _read_json(folder / "stats.json")
+        read_json(folder / "stats.json")
         for folder in sorted(p for p in curate_dir.glob("*") if p.is_dir() and p.name != "read")
         if (folder / "stats.json").is_file()
     ]
     stages = ([read] if read else []) + steps
     if not stages:
-        return _not_run("curate/*/stats.json")
+        return not_run("curate/*/stats.json")
     first = stages[0]
-    funnel = _table(
+    funnel = table(
         ["stage", "docs in", "docs removed", "docs kept", "kept of input", "bytes kept", "bytes kept of input",
          "seconds"],
         [
@@ -180,8 +186,8 @@ def _curation(curate_dir: Path) -> str:
     return (
         "<h3>Funnel</h3>" + funnel + _funnel_plot(stages)
         + "<h3>Removed, by reason</h3>"
-        + (_table(["stage", "reason", "documents", "of stage input"], reasons) if reasons else "<p>Nothing removed.</p>")
-        + (("<h3>Other events</h3>" + _table(["stage", "counter", "count"], counters)) if counters else "")
+        + (table(["stage", "reason", "documents", "of stage input"], reasons) if reasons else "<p>Nothing removed.</p>")
+        + (("<h3>Other events</h3>" + table(["stage", "counter", "count"], counters)) if counters else "")
     )
 
 
@@ -197,12 +203,12 @@ def _funnel_plot(stages: list[dict]) -> str:
         ax.margins(x=0.15)
         ax.set_xlabel(f"{label} after stage")
     left.invert_yaxis()
-    return _png(fig)
+    return png(fig)
 
 
 def _tokens(meta: dict | None) -> str:
     if meta is None:
-        return _not_run("tokens/meta.json")
+        return not_run("tokens/train/meta.json")
     domains = sorted(meta["domains"].items(), key=lambda item: -item[1]["tokens"])
     total = meta["n_tokens"]
     rows = [(d, s["docs"], s["tokens"], _percent(s["tokens"], total), s["tokens"] / max(s["docs"], 1))
@@ -213,17 +219,18 @@ def _tokens(meta: dict | None) -> str:
     ax.barh([d for d, _ in domains], [s["tokens"] for _, s in domains], color="#59a14f")
     ax.invert_yaxis()
     ax.set_xlabel("tokens")
-    return summary + _table(["domain", "docs", "tokens", "share", "tokens per doc"], rows) + _png(fig)
+    return summary + table(["domain", "docs", "tokens", "share", "tokens per doc"], rows) + png(fig)
 
 
 def _training(metrics: list[dict] | None, timings: dict | None) -> str:
-    """Loss curves against tokens seen; throughput and MFU are medians of the logged ``tokens_per_s`` and
-    ``mfu`` (robust to the compile warm-up), throughput failing that tokens over the train stage's time."""
+    """Loss curves (and held-out bits per byte, when the trainer measured it) against tokens seen;
+    throughput and MFU are medians of the logged ``tokens_per_s`` and ``mfu`` (robust to the compile
+    warm-up), throughput failing that tokens over the train stage's time."""
     if metrics is None:
-        return _not_run("train/metrics.jsonl")
+        return not_run("train/metrics.jsonl")
     train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
-    val = [m for m in metrics if "val_loss" in m]
-    val_keys = ["val_loss"] + sorted({k for m in val for k in m if k.startswith("val_loss/")})
+    val, val_keys = _curve_records(metrics, "val_loss")
+    bpb, bpb_keys = _curve_records(metrics, "bpb")
     tokens_seen = max((m["tokens"] for m in metrics if "tokens" in m), default=0)
     speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     train_seconds = (timings or {}).get("train")
@@ -231,33 +238,54 @@ def _training(metrics: list[dict] | None, timings: dict | None) -> str:
     mfus = [m["mfu"] for m in metrics if m.get("mfu") is not None]
     figures = [("tokens seen", tokens_seen), ("tokens/s", speed), ("MFU", statistics.median(mfus) if mfus else None),
                ("final train loss", float(train[-1][1]) if train else None)]
-    figures += [(_val_label(key, "final validation loss"), float(val[-1][key])) for key in val_keys
-                if val and key in val[-1]]
+    figures += [(_curve_label(key, "final validation loss"), float(val[-1][key])) for key in val_keys
+                if key in val[-1]]
+    figures += [(_curve_label(key, "final held-out bits per byte"), float(bpb[-1][key])) for key in bpb_keys
+                if key in bpb[-1]]
     if not (train or val):
-        return _table(["figure", "value"], figures) + "<p>No losses logged yet.</p>"
-    fig = Figure(figsize=(9, 4.5))
-    ax = fig.subplots()
+        return table(["figure", "value"], figures) + "<p>No losses logged yet.</p>"
+    fig = Figure(figsize=(14 if bpb else 9, 4.5))
+    axes = fig.subplots(1, 2 if bpb else 1, squeeze=False)[0]
     if train:
-        ax.plot(*zip(*train), label="train", color="#9aa5b1", linewidth=1)
-    for key in val_keys:
-        points = [(m["tokens"], m[key]) for m in val if key in m]
-        main = key == "val_loss"
+        axes[0].plot(*zip(*train), label="train", color="#9aa5b1", linewidth=1)
+    _plot_curves(axes[0], val, val_keys, "validation", "loss (nats per token)")
+    if bpb:
+        _plot_curves(axes[1], bpb, bpb_keys, "held-out", "bits per byte")
+    return table(["figure", "value"], figures) + png(fig)
+
+
+def _curve_records(metrics: list[dict], family: str) -> tuple[list[dict], list[str]]:
+    """The records that log ``family`` (e.g. ``val_loss``), and its keys: the family, then per domain."""
+    records = [m for m in metrics if family in m]
+    domains = sorted({k for m in records for k in m if k.startswith(f"{family}/")})
+    return records, ([family] if records else []) + domains
+
+
+def _plot_curves(ax, records: list[dict], keys: list[str], label: str, ylabel: str) -> None:
+    for key in keys:
+        points = [(m["tokens"], m[key]) for m in records if key in m]
+        main = "/" not in key
         ax.plot(*zip(*points), marker="o", markersize=3, linewidth=2 if main else 1, linestyle="-" if main else "--",
-                label=_val_label(key, "validation"))
+                label=_curve_label(key, label))
     ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
-    return _table(["figure", "value"], figures) + _png(fig)
 
 
-def _val_label(key: str, prefix: str) -> str:
+def _curve_label(key: str, prefix: str) -> str:
     """``val_loss`` -> prefix; ``val_loss/code`` -> ``prefix (code)``."""
-    return prefix if key == "val_loss" else f"{prefix} ({key.removeprefix('val_loss/')})"
+    _, _, domain = key.partition("/")
+    return f"{prefix} ({domain})" if domain else prefix
 
 
-def _evaluation(bpb: dict | None) -> str:
+def _evaluation(eval_dir: Path) -> str:
+    return (_bits_per_byte(read_json(eval_dir / "bpb.json")) + _harness(read_json(eval_dir / "harness.json"))
+            + _membership(read_json(eval_dir / "membership.json")))
+
+
+def _bits_per_byte(bpb: dict | None) -> str:
     if bpb is None:
-        return _not_run("eval/bpb.json")
+        return not_run("eval/bpb.json")
     headers = ["domain", "bits per byte", "docs", "bytes", "tokens", "bytes per token"]
 
     def row(name: str, s: dict) -> tuple:
@@ -267,13 +295,63 @@ def _evaluation(bpb: dict | None) -> str:
     return (
         "<p>Bits per UTF-8 byte of held-out documents, pooled within each domain (lower is better); "
         f"macro average over domains: <b>{float(bpb['macro_bpb']):.4f}</b>.</p>"
-        + _table(headers, rows, total=row("overall (pooled)", bpb["overall"]))
+        + table(headers, rows, total=row("overall (pooled)", bpb["overall"]))
     )
+
+
+def harness_rows(result: dict) -> list[tuple[str, str, float, float | None, bool | None]]:
+    """``(task, metric, value, stderr, higher_is_better)`` of each metric in a ``harness.json``; a metric
+    under a filter other than lm_eval's ``none`` is named ``metric,filter``."""
+    rows = []
+    for task, metrics in result["results"].items():
+        better = result.get("higher_is_better", {}).get(task, {})
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append((task, metric if filter_name == "none" else key, float(value),
+                         float(stderr) if isinstance(stderr, (int, float)) else None, better.get(metric)))
+    return rows
+
+
+def _harness(result: dict | None) -> str:
+    if result is None:
+        return ""
+    options = result.get("options", {})
+    limit = f", first {options['limit']} items per task" if options.get("limit") else ""
+    rows = [(task, metric, value, stderr, "higher" if hib else "lower" if hib is not None else "–")
+            for task, metric, value, stderr, hib in harness_rows(result)]
+    return (f"<h3>lm-evaluation-harness</h3><p>Tasks run on the exported model (backend "
+            f"{escape(str(options.get('backend', 'tokenmill')))}{escape(limit)}).</p>"
+            + table(["task", "metric", "value", "± stderr", "better"], rows))
+
+
+def membership_source(result: dict) -> str:
+    """Which texts a ``membership.json`` compared, in a sentence."""
+    auto = result["source"].get("auto")
+    if not auto:
+        return (f"{result['members']} texts from {result['source']['members']} against "
+                f"{result['nonmembers']} from {result['source']['nonmembers']}")
+    epochs = auto.get("epochs_seen")
+    return (f"{result['members']} curated training documents against as many held-out ones, matched per domain "
+            f"({', '.join(f'{d}: {k}' for d, k in auto['per_domain'].items())})"
+            + (f"; the model saw {epochs:.2f} epochs of its training tokens" if epochs else ""))
+
+
+def _membership(result: dict | None) -> str:
+    if result is None:
+        return ""
+    rows = [(method, r["auc"], r["tpr_at_5fpr"]) for method, r in result["methods"].items()]
+    return (f"<h3>Membership inference</h3><p>Can the model's scores tell texts it trained on from unseen ones? "
+            f"{escape(membership_source(result))}. AUC 0.5 is chance; Min-K% Prob uses the {result['k']:.0%} least "
+            f"likely of the first {result['max_tokens']} tokens of each text.</p>"
+            + table(["method", "AUC", "TPR at 5% FPR"], rows))
 
 
 def _model(model_dir: Path) -> str:
     if not model_dir.is_dir():
-        return _not_run("model/ (the Hugging Face export)")
+        return not_run("model/ (the Hugging Face export)")
     path = escape(str(model_dir.resolve()))
     return (f"<p>Hugging Face export in <code>{path}</code>; load it with "
             f"<code>transformers.AutoModelForCausalLM.from_pretrained(&quot;{path}&quot;)</code>.</p>")
