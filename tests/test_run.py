@@ -164,3 +164,12 @@ def test_different_recipe_into_same_folder_is_refused(full_run, capsys):
     assert main(["run", str(full_run / "recipe.yaml"), "--out", str(full_run), "--set", "train.max_steps=5",
                  "--no-progress"]) == 2
     assert "different recipe" in capsys.readouterr().err
+
+
+def test_until_stops_after_a_stage_and_rejects_unknown_ones(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "r"), "--until", "packing", "--no-progress"]) == 2
+    assert "not a stage" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(tmp_path / "r"), "--until", "pack", "--no-progress"]) == 0
+    assert (tmp_path / "r" / "tokens" / "heldout" / "meta.json").exists()
+    assert not (tmp_path / "r" / "train").exists()

@@ -18,6 +18,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run folder first instead of resuming it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage: read, curate, tokenizer, pack, "
+                                                    "train, export, eval or report (e.g. pack, then train on "
+                                                    "several GPUs with `tokenmill train RUN --nproc N`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         from tokenmill.run import run_recipe
 
         t0 = time.perf_counter()
-        out = run_recipe(recipe, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+        out = run_recipe(recipe, args.out, progress=not args.no_progress, overwrite=args.overwrite,
+                         until=args.until)
         print(f"[tokenmill] done in {time.perf_counter() - t0:.1f}s: {out}/report.html")
         return 0
     except TokenmillError as err:

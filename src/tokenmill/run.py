@@ -179,18 +179,33 @@ class Runner:
 
         write_report(self.folder.root)
 
-    def run(self) -> Path:
+    def stages(self) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
+        """(name, is-complete check, action) of every stage, in order."""
         f = self.folder
-        self._stage("read", lambda: (f.read / "stats.json").exists(), self.read)
-        self._stage("curate", lambda: (f.curate / "final.json").exists(), self.curate)
-        self._stage("tokenizer", lambda: (f.tokenizer / "tokenizer.json").exists(), self.tokenizer)
-        self._stage("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack)
-        self._stage("train", lambda: (f.train / "summary.json").exists(), self.train)
-        self._stage("export", lambda: (f.model / "config.json").exists(), self.export)
-        if self.recipe.eval.bpb:
-            self._stage("eval", lambda: (f.eval / "bpb.json").exists(), self.evaluate)
-        self._stage("report", lambda: False, self.report)
-        return f.root
+        stages = [
+            ("read", lambda: (f.read / "stats.json").exists(), self.read),
+            ("curate", lambda: (f.curate / "final.json").exists(), self.curate),
+            ("tokenizer", lambda: (f.tokenizer / "tokenizer.json").exists(), self.tokenizer),
+            ("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack),
+            ("train", lambda: (f.train / "summary.json").exists(), self.train),
+            ("export", lambda: (f.model / "config.json").exists(), self.export),
+            ("eval", lambda: (f.eval / "bpb.json").exists(), self.evaluate),
+            ("report", lambda: False, self.report),
+        ]
+        return [s for s in stages if s[0] != "eval" or self.recipe.eval.bpb]
+
+    def run(self, until: str | None = None) -> Path:
+        """Run every stage not yet complete, stopping after ``until`` when given."""
+        if until is not None and until not in STAGES:
+            raise TokenmillError(f"--until {until!r}: not a stage; stages are {', '.join(STAGES)}")
+        for name, done, action in self.stages():
+            self._stage(name, done, action)
+            if name == until:
+                break
+        return self.folder.root
+
+
+STAGES = ("read", "curate", "tokenizer", "pack", "train", "export", "eval", "report")
 
 
 def _texts(shards: list[Path]):
@@ -208,5 +223,6 @@ def make_executor(cfg, progress: bool):
     return LocalExecutor(cfg.workers, progress=progress)
 
 
-def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True, overwrite: bool = False) -> Path:
-    return Runner(recipe, out, progress=progress, overwrite=overwrite).run()
+def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True, overwrite: bool = False,
+               until: str | None = None) -> Path:
+    return Runner(recipe, out, progress=progress, overwrite=overwrite).run(until)
