@@ -37,14 +37,6 @@ TRAIN = dict(seq_len=SEQ, micro_batch_size=2, global_batch_tokens=8 * SEQ, max_s
              log_every=1, bpb_every=3, bpb_docs_per_domain=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory) -> Path:
     """A run folder as `tokenmill run` leaves it after packing: recipe, tokenizer, tokens, held-out docs."""

@@ -25,15 +25,6 @@ EOS = "<|endoftext|>"
 BUNDLED = ["tokenmill_cloze", "tokenmill_realcont"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; more only add contention on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     """A tokenmill-style HF export: a random tiny Llama and a byte-level BPE trained on the demo corpus."""

@@ -15,15 +15,6 @@ VOCAB = 256
 EOS = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which contend badly on a busy CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{"preset": "tiny", "vocab_size": VOCAB, "eos_id": EOS, **overrides})
 

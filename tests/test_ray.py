@@ -12,48 +12,13 @@ import pytest
 pytest.importorskip("ray")
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import FilterStep, Step, StepParams, StepResult
+from tokenmill.curate.base import FilterStep, StepParams
 from tokenmill.curate.pipeline import run_pipeline
-from tokenmill.documents.schema import make_table
-from tokenmill.documents.shards import list_shards, write_parquet_atomic
+from tokenmill.documents.shards import list_shards
 from tokenmill.executors import LocalExecutor
 from tokenmill.executors.ray import RayExecutor
 
-
-class DropShort(FilterStep):
-    """Removes documents with fewer than four words."""
-
-    name = "drop_short"
-
-    class Params(StepParams):
-        step: Literal["drop_short"] = "drop_short"
-
-    def reasons(self, table: pa.Table) -> np.ndarray:
-        words = np.array([len(t.split()) for t in table.column("text").to_pylist()])
-        return np.where(words < 4, "short", "")
-
-
-class DropRepeatedText(Step):
-    """A whole-corpus step: keeps the first document of each text, in shard order."""
-
-    name = "drop_repeated"
-
-    class Params(StepParams):
-        step: Literal["drop_repeated"] = "drop_repeated"
-
-    def fit_map(self, table):
-        return list(zip(table.column("text").to_pylist(), table.column("id").to_pylist()))
-
-    def fit_reduce(self, parts):
-        self.first: dict[str, str] = {}
-        for part in parts:
-            for text, doc_id in part:
-                self.first.setdefault(text, doc_id)
-
-    def process(self, table) -> StepResult:
-        reasons = ["" if self.first[t] == i else "repeat"
-                   for t, i in zip(table.column("text").to_pylist(), table.column("id").to_pylist())]
-        return self.split(table, reasons)
+from test_pipeline import DropOdd, KeepFirstOfEachText, _write_input
 
 
 class FailOnShard(FilterStep):
@@ -65,19 +30,9 @@ class FailOnShard(FilterStep):
         step: Literal["fail_on_shard"] = "fail_on_shard"
 
     def reasons(self, table: pa.Table) -> np.ndarray:
-        if "doc-3-0" in table.column("id").to_pylist():
-            raise TokenmillError("bad document doc-3-0")
+        if "doc-63" in table.column("id").to_pylist():
+            raise TokenmillError("bad document doc-63")
         return np.full(table.num_rows, "")
-
-
-def _write_input(root, n_shards=6, per_shard=40):
-    rng = np.random.default_rng(0)
-    src = root / "read"
-    for s in range(n_shards):
-        rows = [{"id": f"doc-{s}-{i}", "text": " ".join(["w"] * int(rng.integers(1, 8)) + [str(rng.integers(30))]),
-                 "domain": "d", "source": "t"} for i in range(per_shard)]
-        write_parquet_atomic(make_table(rows), src / f"shard-{s:05d}.parquet")
-    return src
 
 
 def _documents(folder):
@@ -96,8 +51,8 @@ def ray_executor():
 
 
 def test_ray_matches_local_document_for_document(tmp_path, ray_executor):
-    src = _write_input(tmp_path)
-    steps = [DropShort(), DropRepeatedText()]
+    src = _write_input(tmp_path, n_shards=6, per_shard=40)
+    steps = [DropOdd(), KeepFirstOfEachText()]
     with LocalExecutor(workers=2, progress=False) as local:
         local_last, local_stats = run_pipeline(steps, src, tmp_path / "local", local)
     ray_last, ray_stats = run_pipeline(steps, src, tmp_path / "ray", ray_executor)
@@ -105,7 +60,7 @@ def test_ray_matches_local_document_for_document(tmp_path, ray_executor):
     assert 0 < len(local_docs) < 240  # both steps removed something, so the comparison means something
     assert _documents(ray_last) == local_docs
     assert _without_seconds(ray_stats) == _without_seconds(local_stats)
-    for step in ("01-drop_short", "02-drop_repeated"):
+    for step in ("01-drop_odd", "02-first_text"):
         assert _documents(tmp_path / "ray" / step / "rejected") == _documents(tmp_path / "local" / step / "rejected")
 
 
@@ -119,8 +74,8 @@ def test_ray_map_keeps_input_order_past_the_window(ray_executor):
 
 
 def test_ray_raises_the_steps_own_error(tmp_path, ray_executor):
-    src = _write_input(tmp_path)
-    with pytest.raises(TokenmillError, match="bad document doc-3-0"):
+    src = _write_input(tmp_path, n_shards=6, per_shard=40)
+    with pytest.raises(TokenmillError, match="bad document doc-63"):
         run_pipeline([FailOnShard()], src, tmp_path / "ray", ray_executor)
 
 

@@ -31,15 +31,6 @@ from tokenmill.train.schedule import constant, cosine, wsd
 SEQ, VOCAB, EOS = 32, 300, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which contend badly on a busy CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 DOCS = {
     "prose": ["In the beginning was the word, and the word was with the mill.", "The quick brown fox jumps."],
     "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n"],
