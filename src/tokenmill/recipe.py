@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import tokenmill.select  # noqa: F401  (registers the selection steps)
 from tokenmill import TokenmillError
 from tokenmill.curate import STEPS
 from tokenmill.documents.ingest import HeldoutConfig
