@@ -173,3 +173,22 @@ def test_until_stops_after_a_stage_and_rejects_unknown_ones(tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(tmp_path / "r"), "--until", "pack", "--no-progress"]) == 0
     assert (tmp_path / "r" / "tokens" / "heldout" / "meta.json").exists()
     assert not (tmp_path / "r" / "train").exists()
+
+
+def test_model_based_selection_records_its_cost_for_compare(tmp_path):
+    from tokenmill.evaluate.compare import read_select_cost
+    from tokenmill.recipe import parse_recipe
+    from tokenmill.run import Runner
+
+    recipe = json.loads(json.dumps(TINY))
+    recipe["curate"]["workers"] = 1
+    recipe["curate"]["steps"] = [{
+        "step": "color_filter", "target": {"domains": ["python_docs"], "max_docs": 8},
+        "keep": {"top_fraction": 0.5}, "sample_docs": 40, "target_steps": 4,
+        "proxy": {"dim": 32, "n_layers": 1, "n_heads": 2, "seq_len": 64, "batch_size": 4, "steps": 6,
+                  "vocab_size": 300, "max_score_chars": 300}}]
+    runner = Runner(parse_recipe(recipe), tmp_path / "run", progress=False)
+    runner.run(until="curate")
+    stats = json.loads((tmp_path / "run" / "curate" / "01-color_filter" / "stats.json").read_text())
+    cost = read_select_cost(tmp_path / "run")
+    assert cost is not None and cost.flops == stats["counters"]["proxy_flops"] > 0 and cost.seconds > 0

@@ -89,7 +89,13 @@ class Runner:
         r, f = self.recipe, self.folder
         steps = [STEPS[cfg.step](cfg) for cfg in r.curate.steps]
         with make_executor(r.curate, self.progress) as ex:
-            last, _ = run_pipeline(steps, f.read, f.curate, ex, keep_rejected=r.curate.keep_rejected)
+            last, stats = run_pipeline(steps, f.read, f.curate, ex, keep_rejected=r.curate.keep_rejected)
+        flops = sum(s["counters"].get("proxy_flops", 0) for s in stats)
+        if flops:  # model-based selection ran: record its compute so comparisons can charge it
+            from tokenmill.evaluate.compare import write_select_cost
+
+            write_select_cost(f.root, flops, sum(s.get("wall_seconds", s["seconds"]) for s in stats
+                                                 if s["counters"].get("proxy_flops")))
         write_json_atomic({"documents": str(last.relative_to(f.root))}, f.curate / "final.json")
 
     def curated_shards(self) -> list[Path]:
