@@ -121,16 +121,20 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
         raise TokenmillError(format_errors(err, origin)) from None
 
 
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise TokenmillError(f"recipe {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TokenmillError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Relative paths (sources, tokenizer, init checkpoint) are
     made absolute from the recipe's folder, so the resolved recipe in the run folder works from anywhere."""
     path = Path(path)
-    if not path.is_file():
-        raise TokenmillError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise TokenmillError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         return parse_recipe(data, str(path))
     data = apply_overrides(data, overrides or [])

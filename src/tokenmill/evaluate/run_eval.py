@@ -19,14 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from tokenmill import TokenmillError
 from tokenmill.documents.shards import list_shards, write_json_atomic
 from tokenmill.evaluate.bpb import bits_per_byte
 from tokenmill.evaluate.membership import MembershipConfig, membership_report
 from tokenmill.model.hf import import_hf
-from tokenmill.recipe import Recipe, parse_recipe
+from tokenmill.recipe import Recipe, parse_recipe, read_yaml
 from tokenmill.report.html import harness_rows, membership_source, read_json
 from tokenmill.tokens.tokenizer import load_tokenizer
 
@@ -58,11 +57,7 @@ def load_run_recipe(run: Path) -> Recipe:
     path = Path(run) / "recipe.yaml"
     if not path.is_file():
         raise TokenmillError(f"{run} is not a run folder (no recipe.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise TokenmillError(f"{path}: not valid YAML: {err}") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(read_yaml(path), str(path))
 
 
 def eval_harness(run: Path, tasks: list[str] | None = None, *, task_dir: Path | None = None,
