@@ -192,3 +192,13 @@ def test_model_based_selection_records_its_cost_for_compare(tmp_path):
     stats = json.loads((tmp_path / "run" / "curate" / "01-color_filter" / "stats.json").read_text())
     cost = read_select_cost(tmp_path / "run")
     assert cost is not None and cost.flops == stats["counters"]["proxy_flops"] > 0 and cost.seconds > 0
+
+
+def test_readme_recipe_and_bundled_recipes_validate():
+    from tokenmill.recipe import load_recipe, parse_recipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("## A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    assert parse_recipe(yaml.safe_load(example)).model.preset == "124M"
+    for recipe in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"):
+        load_recipe(recipe)
