@@ -82,3 +82,21 @@ def test_ray_raises_the_steps_own_error(tmp_path, ray_executor):
 def test_ray_rejects_num_cpus_with_an_address():
     with pytest.raises(TokenmillError, match="ray_address"):
         RayExecutor(address="auto", num_cpus=2)
+
+
+def test_a_recipe_curated_on_ray_equals_the_local_run(tmp_path, ray_executor):
+    from tokenmill.recipe import parse_recipe
+    from tokenmill.run import Runner
+
+    from test_run import TINY
+
+    folders = {}
+    for executor in ("local", "ray"):
+        recipe = {**TINY, "curate": {**TINY["curate"], "executor": executor}}
+        runner = Runner(parse_recipe(recipe), tmp_path / executor, progress=False)
+        runner.run(until="curate")
+        folders[executor] = runner.curated_shards()
+    assert [p.name for p in folders["ray"]] == [p.name for p in folders["local"]]
+    for ray_shard, local_shard in zip(folders["ray"], folders["local"]):
+        assert pq.read_table(ray_shard).equals(pq.read_table(local_shard))
+    assert sum(pq.read_metadata(p).num_rows for p in folders["ray"]) > 0
