@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from tokenmill.curate.length import LengthFilter
 from tokenmill.curate.normalize import Normalize
 from tokenmill.curate.pipeline import run_pipeline
 from tokenmill.documents.ingest import HeldoutConfig, ingest
