@@ -26,7 +26,7 @@ from pydantic import Field
 from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
 from tokenmill.curate.gopher import count, first_failure, per_row, split_rows
-from tokenmill.documents.schema import with_reason
+from tokenmill.documents.schema import put_column, with_reason
 
 POLICY_PHRASES = (
     "terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies"
@@ -129,8 +129,7 @@ class C4(Step):
             ],
         )
         keep = reasons == ""
-        column = table.schema.get_field_index("text")  # keep the field, non-null and all
-        cleaned_table = table.set_column(column, table.schema.field(column), cleaned)
+        cleaned_table = put_column(table, "text", cleaned)
         removed = with_reason(table.filter(pa.array(~keep)), list(reasons[~keep]), self.name)
         counters = {f"lines_removed_{r}": int((line_reasons == r).sum()) for r in LINE_REASONS}
         return StepResult(cleaned_table.filter(pa.array(keep)), removed, counters)

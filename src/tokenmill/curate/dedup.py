@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
-from tokenmill.documents.schema import with_reason
+from tokenmill.documents.schema import put_column, with_reason
 
 _SPACE_BYTE = np.zeros(256, bool)
 _SPACE_BYTE[[9, 10, 11, 12, 13, 32]] = True
@@ -238,7 +238,7 @@ class LineDedup(Step):
         text = pc.binary_join(kept_lines, pa.scalar("\n", kept_lines.type.value_type))
         too_short = pc.utf8_length(pc.utf8_trim_whitespace(text)).to_numpy() < self.params.min_doc_chars
         emptied = pa.array((dropped_per_doc > 0) & too_short)
-        kept = table.set_column(table.schema.get_field_index("text"), "text", text).filter(pc.invert(emptied))
+        kept = put_column(table, "text", text).filter(pc.invert(emptied))
         removed = with_reason(table.filter(emptied), "line_dedup_empty", self.name)  # as it was, for inspection
         counters = {"lines_removed": int(drop.sum()), "docs_with_lines_removed": int((dropped_per_doc > 0).sum())}
         return StepResult(kept, removed, counters)

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
 from tokenmill.documents.html import Extractor, extract_main_text, looks_like_html
-from tokenmill.documents.schema import with_reason
+from tokenmill.documents.schema import put_column, with_reason
 
 
 class ExtractParams(StepParams):
@@ -52,7 +52,7 @@ class Extract(Step):
         extracted = [extract_main_text(page, self.params.extractor) for page in pages]
         new_text = pc.replace_with_mask(text, pa.array(is_html), pa.array(extracted, text.type))
         empty = pc.equal(pc.utf8_length(new_text), 0).to_numpy(zero_copy_only=False)
-        table_out = table.set_column(table.schema.get_field_index("text"), "text", new_text)
+        table_out = put_column(table, "text", new_text)
         return StepResult(
             kept=table_out.filter(pa.array(~empty)),
             removed=with_reason(table.filter(pa.array(empty)), "extract_empty", self.name),

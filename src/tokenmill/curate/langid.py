@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.documents.schema import put_column
 
 UNDETERMINED = "und"  # language of a text with no n-gram the model knows (empty, symbols only)
 _WALK_DOCS = 1024  # documents walked in lockstep: bounds the (bytes × docs) feature matrix
@@ -174,8 +175,7 @@ class Langid(Step):
         language, score = identify(table.column("text"), self.params.max_chars)
         for name, values in (("language", pa.array(language, pa.string())),
                              ("language_score", pa.array(score, pa.float32()))):
-            index = table.schema.get_field_index(name)
-            table = table.set_column(index, name, values) if index >= 0 else table.append_column(name, values)
+            table = put_column(table, name, values)
         reasons = np.where(score < self.params.min_score, "language_low_score", "").astype(object)
         if self.params.languages:
             unwanted = ~np.isin(language, self.params.languages) & (reasons == "")

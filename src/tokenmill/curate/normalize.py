@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
-from tokenmill.documents.schema import with_reason
+from tokenmill.documents.schema import put_column, with_reason
 
 # (pattern, replacement) applied in order; RE2 syntax, so ``\1`` is a back-reference.
 _WHITESPACE_EDITS = (
@@ -53,8 +53,7 @@ class Normalize(Step):
 
         changed = pc.not_equal(original, text).to_numpy(zero_copy_only=False)
         empty = pc.equal(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
-        column = table.schema.get_field_index("text")  # keep the field, non-null and all
-        normalized = table.set_column(column, table.schema.field(column), text)
+        normalized = put_column(table, "text", text)
         kept = normalized.filter(pa.array(~empty))
         removed = with_reason(table.filter(pa.array(empty)), "empty", self.name)  # as it came in
         return StepResult(kept, removed, {"normalized": int((changed & ~empty).sum())})

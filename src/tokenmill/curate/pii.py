@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
-from tokenmill.documents.schema import with_reason
+from tokenmill.documents.schema import put_column, with_reason
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 
@@ -115,8 +115,7 @@ class PII(Step):
             for detector in DETECTORS[kind]:
                 text, replaced = _mask(text, detector, getattr(p, f"{kind}_replacement"), p.public_ips_only)
                 counters[kind] += replaced
-        column = table.schema.get_field_index("text")  # keep the field, non-null and all
-        masked = table.set_column(column, table.schema.field(column), text)
+        masked = put_column(table, "text", text)
         return StepResult(masked, with_reason(table.slice(0, 0), [], self.name), counters)
 
 

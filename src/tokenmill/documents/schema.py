@@ -45,6 +45,18 @@ def empty_table() -> pa.Table:
     return SCHEMA.empty_table()
 
 
+def put_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Replace column ``name`` keeping its field (type, non-null), or append it if the table lacks it.
+
+    Steps that rewrite the text or (re)score documents go through here, so the core schema survives
+    every step unchanged.
+    """
+    index = table.schema.get_field_index(name)
+    if index < 0:
+        return table.append_column(name, values)
+    return table.set_column(index, table.schema.field(index), values)
+
+
 def with_reason(table: pa.Table, reason: str | list[str], step: str) -> pa.Table:
     """Attach ``reason`` and ``step`` columns to removed documents (a single reason or one per row)."""
     n = table.num_rows

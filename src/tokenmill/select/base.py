@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.curate.dedup import hash_strings, mix64
+from tokenmill.documents.schema import put_column
 from tokenmill.documents.readers import ReadStats, SourceConfig, read_source
 
 log = logging.getLogger(__name__)
@@ -242,9 +243,7 @@ class ScoreStep(Step):
         ties = id_keys(table["id"], self.params.seed)
         scores = self._stored_scores(ties) if self._fit_scores is not None else self._score(table)
         column = pa.array(scores, pa.float64())
-        names = table.column_names
-        table = (table.set_column(names.index(self.score_column), self.score_column, column)
-                 if self.score_column in names else table.append_column(self.score_column, column))
+        table = put_column(table, self.score_column, column)
         if rule is None:
             return self.split(table, np.full(table.num_rows, ""))
         counters: dict[str, int] = {}
