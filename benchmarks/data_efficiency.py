@@ -90,7 +90,7 @@ SCALES = {
         proxy=dict(dim=64, n_layers=2, n_heads=4, seq_len=128, batch_size=16, steps=80, lr=3e-3,
                    warmup_steps=8, vocab_size=1024, max_score_chars=1000, score_batch_size=64),
         step_params=dict(color_filter=dict(target_steps=40), perplexity=dict(sample_docs=600), preselect=dict(
-            target_steps=40, checkpoints=3, label_docs=300, sample_docs=600)),
+            target_steps=40, domain_docs=150, label_docs=300, sample_docs=600)),
     ),
     "full": Scale(
         chunk_chars=4000, pool_chunks_per_domain=None, target_docs=200, target_pieces=100_000, heldout_docs=50,
@@ -101,7 +101,7 @@ SCALES = {
         proxy=dict(dim=256, n_layers=4, n_heads=4, seq_len=512, batch_size=32, steps=1000, lr=2e-3,
                    warmup_steps=100, vocab_size=8192, max_score_chars=4000, score_batch_size=128),
         step_params=dict(color_filter=dict(target_steps=300, sample_docs=20000), preselect=dict(
-            target_steps=300, checkpoints=4, widths=[128, 256], label_docs=5000, sample_docs=20000),
+            target_steps=300, domain_docs=5000, label_docs=5000, sample_docs=20000),
             perplexity=dict(sample_docs=20000)),
     ),
 }

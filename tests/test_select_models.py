@@ -141,16 +141,29 @@ def test_predictive_strength_is_the_share_of_model_pairs_ranked_as_on_the_target
 
 def test_preselect_end_to_end_prefers_documents_like_the_target(pool, python_target):
     step = PreSelect(target=python_target, keep={"top_fraction": 0.3}, proxy=PROXY, sample_docs=50,
-                     label_docs=50, checkpoints=2, target_steps=10, label_fraction=0.3)
+                     label_docs=50, domain_docs=40, target_steps=10, label_fraction=0.3)
     results = run_step(step, pool)
     kept = concat(results, "kept")
     assert kept.num_rows == 30
+    assert step.family_names == ["pool", "bible", "python_docs", "shakespeare", "target"]
     assert ((step.strength >= 0) & (step.strength <= 1)).all() and step.strength.std() > 0
+    # 20 of the 100 pool documents are python_docs: a random 30 would hold about 6 of them
+    assert kept["domain"].to_pylist().count("python_docs") >= 15
     scores = pa.concat_tables([kept, concat(results, "removed").drop_columns(["reason", "step"])])
     domain = np.array(scores["domain"].to_pylist())
     value = scores["preselect_score"].to_numpy()
-    assert value[domain == "python_docs"].mean() > value[domain == "bible"].mean()
+    python, bible = value[domain == "python_docs"], value[domain == "bible"]
+    assert (python[:, None] > bible[None, :]).mean() > 0.9  # pairwise ranking (AUC)
     assert sum(r.counters["proxy_flops"] for r in results) == pytest.approx(step.fit_cost.flops, rel=1e-6)
+
+
+def test_preselect_checkpoint_family_ranks_checkpoints_of_pool_and_target_runs(pool, python_target):
+    step = PreSelect(target=python_target, family="checkpoints", keep={"top_fraction": 0.3}, proxy=PROXY,
+                     sample_docs=50, label_docs=50, checkpoints=2, target_steps=10, widths=[16, 32])
+    kept = concat(run_step(step, pool), "kept")
+    assert kept.num_rows == 30
+    assert step.family_names == ["pool-16"] * 2 + ["target-16"] * 2 + ["pool-32"] * 2 + ["target-32"] * 2
+    assert ((step.strength >= 0) & (step.strength <= 1)).all()
 
 
 def test_invalid_configurations_are_refused_with_the_fix():
@@ -159,4 +172,6 @@ def test_invalid_configurations_are_refused_with_the_fix():
     with pytest.raises(ValidationError, match="either `reference`"):
         PerplexityBand(band=["head"])
     with pytest.raises(ValidationError, match="at least two models"):
-        PreSelect(target={"domains": ["x"]}, checkpoints=1, target_steps=0)
+        PreSelect(target={"domains": ["x"]}, family="checkpoints", checkpoints=1, target_steps=0)
+    with pytest.raises(ValidationError, match="target_steps > 0"):
+        PreSelect(target={"domains": ["x"]}, target_steps=0)

@@ -8,12 +8,20 @@ Z = N(N−1)/2 pairs, so S = 1 when the better a model is, the better it compres
 Documents of a pool sample with the highest S are labelled positive, those with the lowest negative,
 a fastText classifier is trained on them, and its P(positive) scores the whole pool.
 
-The paper ranks public LLMs by benchmark scores. Here the models are proxies trained by
-``proxy.py`` and their "ability" is their bits per byte on the target set: ``checkpoints`` evenly
-spaced checkpoints of a pool run for each width in ``widths`` and, when ``target_steps`` > 0, of
-the same runs continued on the target set. The continued checkpoints spread the family's target
-ability; without them every checkpoint improves on almost every document alike and S carries
-little target signal.
+The paper ranks public LLMs, trained on different data, by benchmark scores. Here the models are
+proxies trained by ``proxy.py`` and their "ability" is their bits per byte on the target set. What
+matters is that the family's members differ in *what* they know, not only in how much:
+
+- ``family: domains`` (default): one pool run, then one copy of it continued on each pool domain
+  (``domain_docs`` documents each) and one continued on the target, ``target_steps`` steps each. The
+  specialists rank on the target by how related their domain is; a document ranks them the same way
+  when it resembles the domains that help the target. This is the closest small-scale analogue of
+  the paper's models trained on different corpora.
+- ``family: checkpoints``: ``checkpoints`` evenly spaced checkpoints of a pool run for each width in
+  ``widths`` and, when ``target_steps`` > 0, of the same runs continued on the target. With small,
+  undertrained proxies every later checkpoint is better on almost every document, so S is 1 nearly
+  everywhere and the labels are close to random (measured on the demo slices: 46 of 50 labelled
+  documents at S = 1); use it with proxies trained near convergence.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from tokenmill import TokenmillError
 from tokenmill.curate.base import register_step
 from tokenmill.model.llama import Llama
 from tokenmill.select.base import TargetSet
@@ -53,11 +62,19 @@ class PreSelectParams(ProxyParams):
     step: Literal["preselect"] = "preselect"
     target: TargetSet = Field(description="Documents whose loss ranks the proxy models (the paper's "
                               "downstream benchmarks).")
+    family: Literal["domains", "checkpoints"] = Field("domains", description="The ranked models: a pool run "
+                                                      "continued on each pool domain and on the target "
+                                                      "(domains), or checkpoints of pool runs and their "
+                                                      "target continuations (checkpoints); see the module doc.")
+    domain_docs: int = Field(500, ge=1, description="family=domains: documents per pool domain (a uniform "
+                             "sample) each specialist is continued on.")
     widths: list[int] | None = Field(None, min_length=1, description="Hidden size of each proxy run (other "
                                      "settings from `proxy`); default: one run of proxy.dim.")
-    checkpoints: int = Field(4, ge=1, description="Evenly spaced checkpoints taken from each run as models.")
-    target_steps: int = Field(50, ge=0, description="Optimizer steps each run is continued on the target "
-                              "set, adding that continuation's checkpoints to the models; 0: pool runs only.")
+    checkpoints: int = Field(4, ge=1, description="family=checkpoints: evenly spaced checkpoints taken from "
+                             "each run as models.")
+    target_steps: int = Field(50, ge=0, description="Optimizer steps of each continuation: on the target "
+                              "and, for family=domains, on each domain; 0: no target continuation "
+                              "(family=checkpoints only).")
     label_docs: int = Field(2000, ge=2, description="Pool documents (a uniform sample disjoint from the "
                             "proxies' training sample) whose predictive strength labels the classifier.")
     label_fraction: float = Field(0.2, gt=0, le=0.5, description="Share of the labelled documents taken as "
@@ -69,6 +86,11 @@ class PreSelectParams(ProxyParams):
 
     @model_validator(mode="after")
     def _enough_models(self) -> "PreSelectParams":
+        if self.family == "domains":
+            if not self.target_steps:
+                raise ValueError("PreSelect with family=domains continues the pool run for target_steps: set "
+                                 "target_steps > 0")
+            return self
         runs = len(self.widths or [None]) * (2 if self.target_steps else 1)
         if runs * self.checkpoints < 2:
             raise ValueError("PreSelect ranks at least two models: raise checkpoints, add widths or set "
@@ -87,25 +109,50 @@ class PreSelect(ProxyScoreStep):
         super().__init__(params, **kwargs)
         self.model_path: str | None = None
         self.strength: np.ndarray | None = None  # of the labelled documents, for inspection
+        self.family_names: list[str] = []  # what each ranked model was trained on, for inspection
 
     def pool_sample_docs(self) -> int:
         return self.params.sample_docs + self.params.label_docs
 
-    def proxy_family(self, lab: ProxyLab, pool: list[str], target: list[str]) -> list[Llama]:
-        """The ranked models: checkpoints of each pool run and of its continuation on the target."""
-        p, models = self.params, []
+    def domain_sample_docs(self) -> int:
+        return self.params.domain_docs if self.params.family == "domains" else 0
+
+    def proxy_family(self, lab: ProxyLab, pool: list[str], target: list[str],
+                     by_domain: dict[str, list[str]]) -> list[Llama]:
+        """The ranked models (see the module docstring); their names go to ``self.family_names``."""
+        p = self.params
+        if p.family == "domains":
+            (base,) = lab.train(pool, "pool")
+            self.family_names, models = ["pool"], [base]
+            window = p.proxy.seq_len * p.proxy.batch_size
+            for name, texts in [*sorted(by_domain.items()), ("target", target)]:
+                if lab.count_tokens(texts) <= window:  # too little text to continue on: no specialist
+                    continue
+                models += lab.train(texts, f"{name}-specialist", init=base, steps=p.target_steps)
+                self.family_names.append(name)
+            if len(models) < 2:
+                raise TokenmillError("PreSelect: no domain and no target set holds one batch of text "
+                                     f"({window} tokens) to continue the pool run on; give more target documents")
+            return models
+        models, self.family_names = [], []
         for width in p.widths or [p.proxy.dim]:
             run = lab.train(pool, f"pool-{width}", dim=width, checkpoints_kept=p.checkpoints)
             models += run
+            self.family_names += [f"pool-{width}"] * len(run)
             if p.target_steps:
-                models += lab.train(target, f"target-{width}", init=run[-1], steps=p.target_steps,
-                                    checkpoints_kept=min(p.checkpoints, p.target_steps))
+                continued = lab.train(target, f"target-{width}", init=run[-1], steps=p.target_steps,
+                                      checkpoints_kept=min(p.checkpoints, p.target_steps))
+                models += continued
+                self.family_names += [f"target-{width}"] * len(continued)
         return models
 
     def fit_proxies(self, lab: ProxyLab, pool: list[str], target: list[str], by_domain: dict) -> None:
         p = self.params
         train_docs, label_docs = pool[: p.sample_docs], pool[p.sample_docs :] or pool
-        models = self.proxy_family(lab, train_docs, target)
+        if label_docs is not pool:  # a model that learnt a labelled document would rank it too well
+            unseen = set(label_docs)
+            by_domain = {d: [t for t in texts if t not in unseen] for d, texts in by_domain.items()}
+        models = self.proxy_family(lab, train_docs, target, by_domain)
         target_bits = np.array([lab.pooled_bits_per_byte(m, target) for m in models])
         doc_bits = np.stack([lab.bits_per_byte(m, label_docs) for m in models])
         scorable = np.isfinite(doc_bits).all(axis=0)

@@ -119,6 +119,13 @@ class ProxyLab:
             max_seq_len=cfg.seq_len, tie_embeddings=True, eos_id=self.tokenizer.eos_token_id,
         )
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens ``texts`` become in training (each document with its EOS)."""
+        if not texts:
+            return 0
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)
+        return sum(len(ids) + 1 for ids in encoded["input_ids"])
+
     def train(
         self, texts: Sequence[str], name: str, *, init: Llama | None = None, steps: int | None = None,
         lr: float | None = None, checkpoints_kept: int = 1, dim: int | None = None,
