@@ -10,7 +10,10 @@ domain, and the model is evaluated on held-out documents of it (and of every oth
 method scores the pool as its curation step does (same code path as a recipe); the benchmark then
 keeps the highest-ranked documents until a token budget (a fixed share of the pool's tokens, counted
 with the training tokenizer) and trains the same small model on them for the same number of tokens.
-Random selection, by id hash, is the peer. Documents are first cut at line boundaries into pieces of
+Random selection, by id hash, is the peer. Each selection trains one complete run per share of the
+training tokens in ``run_fractions`` (each with its own warm-up and decay), so every point of a curve is
+a finished model trained on that many tokens; a ``token_ratio`` of 1/16 means "already reached by the
+shortest run". Documents are first cut at line boundaries into pieces of
 at most ``chunk_chars`` characters, so selection works at a finer grain than whole files (the same
 pieces for every method).
 
@@ -29,6 +32,7 @@ Build the corpus first (``bash ../shared/corpora/build_corpus.sh``) or point TOK
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -76,7 +80,7 @@ class Scale:
     batch_size: int
     steps: int
     lr: float
-    bpb_every: int
+    run_fractions: tuple[float, ...]  # each method trains one complete run per share of ``steps``
     proxy: dict  # ProxyConfig fields shared by the proxy-based methods
     step_params: dict = field(default_factory=dict)  # per-method extra parameters
 
@@ -86,18 +90,28 @@ SCALES = {
         chunk_chars=1000, pool_chunks_per_domain=160, target_docs=200, target_pieces=300, heldout_docs=20,
         eval_pieces=(16, 4), budget_fraction=0.12, vocab_size=1024,
         model=dict(dim=64, n_layers=2, n_heads=4, tie_embeddings=True), seq_len=128, batch_size=16, steps=150,
-        lr=3e-3, bpb_every=15,
+        lr=3e-3, run_fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1),
         proxy=dict(dim=64, n_layers=2, n_heads=4, seq_len=128, batch_size=16, steps=80, lr=3e-3,
                    warmup_steps=8, vocab_size=1024, max_score_chars=1000, score_batch_size=64),
         step_params=dict(color_filter=dict(target_steps=40), perplexity=dict(sample_docs=600), preselect=dict(
             target_steps=40, domain_docs=150, label_docs=300, sample_docs=600)),
+    ),
+    # the slow test's: the bundled demo corpus (--corpus src/tokenmill/data/demo, three domains)
+    "demo": Scale(
+        chunk_chars=1000, pool_chunks_per_domain=120, target_docs=10, target_pieces=200, heldout_docs=3,
+        eval_pieces=(12, 6), budget_fraction=0.2, vocab_size=512,
+        model=dict(dim=32, n_layers=1, n_heads=2, tie_embeddings=True), seq_len=64, batch_size=8, steps=40,
+        lr=5e-3, run_fractions=(1 / 4, 1),
+        proxy=dict(dim=32, n_layers=1, n_heads=2, seq_len=64, batch_size=8, steps=30, lr=5e-3,
+                   warmup_steps=3, vocab_size=512, max_score_chars=500, score_batch_size=64),
+        step_params=dict(color_filter=dict(target_steps=15)),
     ),
     "full": Scale(
         chunk_chars=4000, pool_chunks_per_domain=None, target_docs=200, target_pieces=100_000, heldout_docs=50,
         eval_pieces=(200, 50),
         budget_fraction=0.1,
         vocab_size=8192, model=dict(preset="20M"), seq_len=1024, batch_size=16, steps=1000, lr=1.5e-3,
-        bpb_every=50,
+        run_fractions=(1 / 25, 1 / 16, 1 / 10, 1 / 8, 1 / 4, 1 / 2, 1),
         proxy=dict(dim=256, n_layers=4, n_heads=4, seq_len=512, batch_size=32, steps=1000, lr=2e-3,
                    warmup_steps=100, vocab_size=8192, max_score_chars=4000, score_batch_size=128),
         step_params=dict(color_filter=dict(target_steps=300, sample_docs=20000), preselect=dict(
@@ -121,12 +135,18 @@ def chunk(text: str, max_chars: int) -> list[str]:
     return [p for p in [*pieces, current] if p.strip()]
 
 
+def corpus_files(root: Path) -> list[Path]:
+    """The corpus's ``<domain>.jsonl`` (or ``.jsonl.gz``, as the bundled demo corpus) files."""
+    return sorted([*root.glob("*.jsonl"), *root.glob("*.jsonl.gz")])
+
+
 def load_corpus(root: Path, target: str, scale: Scale) -> dict[str, pa.Table]:
     """Held-out, target-sample and pool pieces; documents are split among them by id hash, whole."""
     pool, heldout, target_rows = [], [], []
-    for path in sorted(root.glob("*.jsonl")):
-        docs = [json.loads(line) for line in path.open(encoding="utf-8")]
-        domain = path.stem
+    for path in corpus_files(root):
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as fh:
+            docs = [json.loads(line) for line in fh]
+        domain = path.name.split(".jsonl")[0]
         order = np.argsort(id_keys(pa.array([d["id"] for d in docs]), seed=1), kind="stable")
         n_target = scale.target_docs if domain == target else 0
         for rank, i in enumerate(order):
@@ -203,7 +223,12 @@ def take_budget(keys: np.ndarray, ties: np.ndarray, tokens: np.ndarray, budget: 
 
 def train_on(selected: pa.Table, heldout: pa.Table, tokenizer, tokenizer_dir: Path, scale: Scale, device: str,
              out: Path) -> list[dict[str, Any]]:
-    """Train the benchmark model on ``selected``; return its metric records with bits per byte."""
+    """Train the benchmark model on ``selected``, one complete run (warm-up and cosine decay of its own)
+    per share of ``scale.steps`` in ``scale.run_fractions``; return each run's final metric record.
+
+    Separate runs, not one run's intermediate evaluations: a point early in a cosine run has not
+    decayed its learning rate, so it would understate what a model trained on that many tokens reaches.
+    """
     # One label: the loader streams the selection as one mixture, whatever its domains' sizes.
     selected = selected.set_column(selected.schema.get_field_index("domain"), "domain",
                                    pa.array(["selected"] * selected.num_rows))
@@ -211,20 +236,27 @@ def train_on(selected: pa.Table, heldout: pa.Table, tokenizer, tokenizer_dir: Pa
     pack_documents([out / "docs" / "shard-00000.parquet"], tokenizer, out / "tokens", workers=1)
     model_cfg = ModelConfig(**scale.model, max_seq_len=scale.seq_len, vocab_size=len(tokenizer),
                             eos_id=tokenizer.eos_token_id)
-    train_cfg = TrainConfig(
-        seq_len=scale.seq_len, micro_batch_size=scale.batch_size, global_batch_tokens=scale.batch_size * scale.seq_len,
-        max_steps=scale.steps, lr=scale.lr, warmup_steps=scale.steps // 10, schedule="cosine", device=device,
-        bpb_every=scale.bpb_every, bpb_docs_per_domain=max(scale.eval_pieces), ckpt_every=scale.steps,
-        keep_last_k=1, log_every=scale.bpb_every, eval_every=scale.steps, dtype="auto",
-    )
-    train(model_cfg, train_cfg, out / "tokens", out / "train", bpb_docs=heldout, tokenizer_dir=tokenizer_dir,
-          progress=False)
-    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "bpb" in r]
+    finals = []
+    for fraction in scale.run_fractions:
+        steps = max(1, round(fraction * scale.steps))
+        train_cfg = TrainConfig(
+            seq_len=scale.seq_len, micro_batch_size=scale.batch_size,
+            global_batch_tokens=scale.batch_size * scale.seq_len, max_steps=steps, lr=scale.lr,
+            warmup_steps=steps // 10, schedule="cosine", device=device, bpb_every=steps,
+            bpb_docs_per_domain=max(scale.eval_pieces), ckpt_every=steps, keep_last_k=1, log_every=steps,
+            eval_every=steps, dtype="auto",
+        )
+        run = out / f"train-{steps}"
+        train(model_cfg, train_cfg, out / "tokens", run, bpb_docs=heldout, tokenizer_dir=tokenizer_dir,
+              progress=False)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        finals.append([r for r in records if "bpb" in r][-1])
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return finals
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], level: float) -> float | None:
-    """Training tokens at which the curve first gets down to ``level`` (linear between evaluations)."""
+    """Training tokens at which the curve first gets down to ``level`` (linear between runs)."""
     previous = (0, np.inf)
     for tokens, bpb in curve:
         if bpb <= level:
@@ -297,7 +329,7 @@ def plot(settings: dict[str, Any], target: str, path: Path) -> None:
             tokens, bpb = zip(*r["curve"])
             ax.plot(tokens, bpb, marker=".", label=method, linewidth=2.5 if method == "random" else 1.5,
                     color="black" if method == "random" else None)
-        ax.set(title=f"{name.replace('_', ' ')}: target {target}", xlabel="training tokens",
+        ax.set(title=f"{name.replace('_', ' ')}: target {target}", xlabel="training tokens (one run each)", xscale="log",
                ylabel=f"{target} bits per byte")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -306,21 +338,25 @@ def plot(settings: dict[str, Any], target: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--device", default="cpu", help="torch device for proxies and training (cpu, cuda)")
     parser.add_argument("--target", default="python_docs", help="target domain (a <domain>.jsonl of the corpus)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("TOKENMILL_CORPUS",
+                                                                            "/tmp/tokenmill-corpus/out")),
+                        help="folder of <domain>.jsonl(.gz) files (default: $TOKENMILL_CORPUS or the build "
+                        "script's output)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tokenmill-data-efficiency"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: WORKDIR/data_efficiency.png)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    corpus_dir = Path(os.environ.get("TOKENMILL_CORPUS", "/tmp/tokenmill-corpus/out"))
-    if not (corpus_dir / f"{args.target}.jsonl").is_file():
-        sys.exit(f"no {args.target}.jsonl in {corpus_dir}: build the corpus (bash ../shared/corpora/build_corpus.sh) "
+    corpus_dir = args.corpus
+    if not any(path.name.split(".jsonl")[0] == args.target for path in corpus_files(corpus_dir)):
+        sys.exit(f"no {args.target}.jsonl(.gz) in {corpus_dir}: build the corpus (bash ../shared/corpora/build_corpus.sh) "
                  "or set TOKENMILL_CORPUS")
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
