@@ -10,17 +10,21 @@ domain, and the model is evaluated on held-out documents of it (and of every oth
 method scores the pool as its curation step does (same code path as a recipe); the benchmark then
 keeps the highest-ranked documents until a token budget (a fixed share of the pool's tokens, counted
 with the training tokenizer) and trains the same small model on them for the same number of tokens.
-Random selection, by id hash, is the peer. Each selection trains one complete run per share of the
-training tokens in ``run_fractions`` (each with its own warm-up and decay), so every point of a curve is
-a finished model trained on that many tokens; a ``token_ratio`` of 1/16 means "already reached by the
-shortest run". Documents are first cut at line boundaries into pieces of
+Random selection, by id hash, is the peer. Tokens-to-reach is measured two ways, both printed:
+
+* ``complete_runs``: one complete run (its own warm-up and cosine decay) per share of the training
+  tokens in ``run_fractions``: every point is a finished model trained on that many tokens, so a
+  ratio of 1/16 means "already reached by the shortest run";
+* ``within_run``: the longest run's own evaluations every tenth of it, as a training curve is usually
+  read; an early point has not decayed its learning rate, so it understates what a run of that
+  length would reach, for every method alike. Documents are first cut at line boundaries into pieces of
 at most ``chunk_chars`` characters, so selection works at a finer grain than whole files (the same
 pieces for every method).
 
 Printed: one JSON line with, per setting and method, the selection cost (proxy FLOPs, seconds), the
-target-BPB curve, the tokens needed to reach random's final target BPB (and that as a share of the
+target-BPB curves, the tokens needed to reach random's final target BPB (and that as a share of the
 training tokens: the ``token_ratio`` the DESIGN bar is about), the final target BPB and the mean
-BPB on the other domains; a PNG plots every curve.
+BPB on the other domains; a PNG plots every curve (complete runs solid, within-run dashed).
 
 Build the corpus first (``bash ../shared/corpora/build_corpus.sh``) or point TOKENMILL_CORPUS at an
 ``out`` folder of ``<domain>.jsonl`` files.
@@ -222,9 +226,10 @@ def take_budget(keys: np.ndarray, ties: np.ndarray, tokens: np.ndarray, budget: 
 
 
 def train_on(selected: pa.Table, heldout: pa.Table, tokenizer, tokenizer_dir: Path, scale: Scale, device: str,
-             out: Path) -> list[dict[str, Any]]:
+             out: Path) -> tuple[list[dict], list[dict]]:
     """Train the benchmark model on ``selected``, one complete run (warm-up and cosine decay of its own)
-    per share of ``scale.steps`` in ``scale.run_fractions``; return each run's final metric record.
+    per share of ``scale.steps`` in ``scale.run_fractions``. Returns each run's final metric record
+    and the bits-per-byte records of the longest run, evaluated every tenth of it.
 
     Separate runs, not one run's intermediate evaluations: a point early in a cosine run has not
     decayed its learning rate, so it would understate what a model trained on that many tokens reaches.
@@ -236,13 +241,14 @@ def train_on(selected: pa.Table, heldout: pa.Table, tokenizer, tokenizer_dir: Pa
     pack_documents([out / "docs" / "shard-00000.parquet"], tokenizer, out / "tokens", workers=1)
     model_cfg = ModelConfig(**scale.model, max_seq_len=scale.seq_len, vocab_size=len(tokenizer),
                             eos_id=tokenizer.eos_token_id)
-    finals = []
+    finals, within = [], []
     for fraction in scale.run_fractions:
         steps = max(1, round(fraction * scale.steps))
+        bpb_every = max(1, steps // 10) if fraction == max(scale.run_fractions) else steps
         train_cfg = TrainConfig(
             seq_len=scale.seq_len, micro_batch_size=scale.batch_size,
             global_batch_tokens=scale.batch_size * scale.seq_len, max_steps=steps, lr=scale.lr,
-            warmup_steps=steps // 10, schedule="cosine", device=device, bpb_every=steps,
+            warmup_steps=steps // 10, schedule="cosine", device=device, bpb_every=bpb_every,
             bpb_docs_per_domain=max(scale.eval_pieces), ckpt_every=steps, keep_last_k=1, log_every=steps,
             eval_every=steps, dtype="auto",
         )
@@ -250,13 +256,16 @@ def train_on(selected: pa.Table, heldout: pa.Table, tokenizer, tokenizer_dir: Pa
         train(model_cfg, train_cfg, out / "tokens", run, bpb_docs=heldout, tokenizer_dir=tokenizer_dir,
               progress=False)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        finals.append([r for r in records if "bpb" in r][-1])
+        evaluations = [r for r in records if "bpb" in r]
+        finals.append(evaluations[-1])
+        if bpb_every < steps:
+            within = evaluations
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    return finals
+    return finals, within
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], level: float) -> float | None:
-    """Training tokens at which the curve first gets down to ``level`` (linear between runs)."""
+    """Training tokens at which the curve first gets down to ``level`` (linear between points)."""
     previous = (0, np.inf)
     for tokens, bpb in curve:
         if bpb <= level:
@@ -292,7 +301,7 @@ def run_setting(name: str, corpus: dict[str, pa.Table], target: str, methods: li
         keys, counters = ranking_keys(step, pool, shard_rows=max(1, pool.num_rows // 4))
         seconds = time.perf_counter() - start
         rows = take_budget(keys, ties, tokens, budget)
-        records = train_on(pool.take(rows), corpus["heldout"], tokenizer, folder / "tokenizer", scale, device,
+        records, within = train_on(pool.take(rows), corpus["heldout"], tokenizer, folder / "tokenizer", scale, device,
                            folder / method)
         final = records[-1]
         others = [v for k, v in final.items() if k.startswith("bpb/") and k != f"bpb/{target}"]
@@ -301,7 +310,8 @@ def run_setting(name: str, corpus: dict[str, pa.Table], target: str, methods: li
             "proxy_flops": counters.get("proxy_flops", 0),
             "selected_tokens": int(tokens[rows].sum()),
             "target_share": round(float(tokens[rows][domains[rows] == target].sum() / tokens[rows].sum()), 4),
-            "curve": [(r["tokens"], round(r[f"bpb/{target}"], 4)) for r in records],
+            "curve": {"complete_runs": [(r["tokens"], round(r[f"bpb/{target}"], 4)) for r in records],
+                      "within_run": [(r["tokens"], round(r[f"bpb/{target}"], 4)) for r in within]},
             "final_target_bpb": round(final[f"bpb/{target}"], 4),
             "other_domains_bpb": round(float(np.mean(others)), 4),
         }
@@ -310,9 +320,9 @@ def run_setting(name: str, corpus: dict[str, pa.Table], target: str, methods: li
     if "random" in results:
         level, total = results["random"]["final_target_bpb"], scale.steps * scale.batch_size * scale.seq_len
         for r in results.values():
-            reached = tokens_to_reach(r["curve"], level)
+            reached = {view: tokens_to_reach(curve, level) for view, curve in r["curve"].items()}
             r["tokens_to_random_final"] = reached
-            r["token_ratio"] = round(reached / total, 4) if reached is not None else None
+            r["token_ratio"] = {view: round(t / total, 4) if t is not None else None for view, t in reached.items()}
     return {"pool_docs": pool.num_rows, "pool_tokens": int(tokens.sum()), "budget_tokens": budget,
             "methods": results}
 
@@ -326,9 +336,12 @@ def plot(settings: dict[str, Any], target: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
     for ax, (name, setting) in zip(axes[0], settings.items()):
         for method, r in setting["methods"].items():
-            tokens, bpb = zip(*r["curve"])
-            ax.plot(tokens, bpb, marker=".", label=method, linewidth=2.5 if method == "random" else 1.5,
-                    color="black" if method == "random" else None)
+            tokens, bpb = zip(*r["curve"]["complete_runs"])
+            line, = ax.plot(tokens, bpb, marker="o", label=method, linewidth=2.5 if method == "random" else 1.5,
+                            color="black" if method == "random" else None)
+            if r["curve"]["within_run"]:
+                tokens, bpb = zip(*r["curve"]["within_run"])
+                ax.plot(tokens, bpb, linestyle="--", linewidth=1, color=line.get_color(), alpha=0.7)
         ax.set(title=f"{name.replace('_', ' ')}: target {target}", xlabel="training tokens (one run each)", xscale="log",
                ylabel=f"{target} bits per byte")
         ax.grid(alpha=0.3)
@@ -366,8 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                 for name in args.settings}
     plot_path = args.plot or args.workdir / "data_efficiency.png"
     plot(settings, args.target, plot_path)
-    best = {name: min((r["token_ratio"] for m, r in s["methods"].items() if m != "random" and r.get("token_ratio")),
-                      default=None) for name, s in settings.items()}
+    best = {name: {view: min((r["token_ratio"][view] for m, r in s["methods"].items()
+                              if m != "random" and r.get("token_ratio", {}).get(view)), default=None)
+                   for view in ("complete_runs", "within_run")} for name, s in settings.items()}
     print(json.dumps({
         "benchmark": "data_efficiency", "scale": args.scale, "device": args.device, "target": args.target,
         "corpus": str(corpus_dir), "heldout_target_docs": scale.heldout_docs, "target_docs": scale.target_docs,

@@ -2,9 +2,10 @@
 
 Trains a 16k-vocab byte-level BPE on a sample, writes ~30 MB of documents (all domains, shuffled) as
 Parquet shards, then alternates timed runs of ``pack_documents`` (Parquet in, token shards + index
-out) and of the bare Rust ``encode_batch`` on the texts already in memory, in the same batches. Each
+out) and of the bare Rust ``encode_batch`` and ``encode_batch_fast`` (no character offsets; what
+``pack_documents`` calls) on the texts already in memory, in the same batches. Each
 run starts from a fresh copy of the tokenizer so neither side profits from the other's BPE cache;
-the best of ``--repeats`` runs of each is reported.
+the median of ``--repeats`` runs of each is reported.
 
 Build the corpus first (about 30 s): ``bash ../shared/corpora/build_corpus.sh``, or point
 TOKENMILL_CORPUS at an existing ``out`` directory.
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -75,12 +77,13 @@ def main() -> None:
         in_shard_order = [text for i in range(args.shards) for text in texts[i :: args.shards]]
         definition = tokenizer.backend_tokenizer.to_str()
 
-        def raw_encode() -> tuple[float, int]:
+        def raw_encode(method: str) -> tuple[float, int]:
             encoder = Tokenizer.from_str(definition)
+            encode = getattr(encoder, method)
             started = time.perf_counter()
             n = 0
             for i in range(0, len(in_shard_order), BATCH_DOCS):
-                encodings = encoder.encode_batch(in_shard_order[i : i + BATCH_DOCS], add_special_tokens=False)
+                encodings = encode(in_shard_order[i : i + BATCH_DOCS], add_special_tokens=False)
                 n += sum(len(encoding.ids) for encoding in encodings)
             return time.perf_counter() - started, n
 
@@ -91,21 +94,21 @@ def main() -> None:
             summary = pack_documents(shards, tokenizer, out, batch_docs=BATCH_DOCS, workers=args.workers)
             return time.perf_counter() - started, summary["n_tokens"] - summary["n_docs"]
 
-        pairs = []
-        for repeat in range(args.repeats):
-            if repeat % 2:
-                packed = pack()
-                raw = raw_encode()
-            else:
-                raw = raw_encode()
-                packed = pack()
-            pairs.append((raw, packed))
-        (_, raw_tokens), (_, tokens) = pairs[0]
-        if raw_tokens != tokens:
-            sys.exit(f"pack wrote {tokens} text tokens but raw encoding gives {raw_tokens}")
-        raw_s = statistics.median(raw[0] for raw, _ in pairs)
-        pack_s = statistics.median(packed[0] for _, packed in pairs)
-        ratio = statistics.median(raw[0] / packed[0] for raw, packed in pairs)
+        runs = {"pack": pack, "encode_batch": partial(raw_encode, "encode_batch"),
+                "encode_batch_fast": partial(raw_encode, "encode_batch_fast")}
+        timings = {name: [] for name in runs}
+        for repeat in range(args.repeats):  # interleaved, in a rotating order, so drift hits all alike
+            names = list(runs)[repeat % 3 :] + list(runs)[: repeat % 3]
+            for name in names:
+                timings[name].append(runs[name]())
+        tokens = timings["pack"][0][1]
+        for name in ("encode_batch", "encode_batch_fast"):
+            if timings[name][0][1] != tokens:
+                sys.exit(f"pack wrote {tokens} text tokens but {name} gives {timings[name][0][1]}")
+        seconds = {name: statistics.median(t for t, _ in runs_) for name, runs_ in timings.items()}
+        ratio = {name: statistics.median(raw[0] / packed[0] for raw, packed in zip(timings[name], timings["pack"]))
+                 for name in ("encode_batch", "encode_batch_fast")}
+        pack_s = seconds["pack"]
 
     print(
         json.dumps(
@@ -119,9 +122,9 @@ def main() -> None:
                 "train_tokenizer_s": round(train_s, 2),
                 "pack_s": round(pack_s, 3),
                 "tokens_per_s": round(tokens / pack_s),
-                "raw_encode_s": round(raw_s, 3),
-                "raw_encode_tokens_per_s": round(tokens / raw_s),
-                "ratio": round(ratio, 3),
+                "raw_encode_s": {name: round(seconds[name], 3) for name in ratio},
+                "raw_encode_tokens_per_s": {name: round(tokens / seconds[name]) for name in ratio},
+                "ratio": {name: round(value, 3) for name, value in ratio.items()},
                 "pack_workers": args.workers,
                 "repeats": args.repeats,
             }
