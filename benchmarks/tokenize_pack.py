@@ -2,8 +2,8 @@
 
 Trains a 16k-vocab byte-level BPE on a sample, writes ~30 MB of documents (all domains, shuffled) as
 Parquet shards, then alternates timed runs of ``pack_documents`` (Parquet in, token shards + index
-out) and of the bare Rust ``encode_batch`` and ``encode_batch_fast`` (no character offsets; what
-``pack_documents`` calls) on the texts already in memory, in the same batches. Each
+out) and of the bare Rust ``encode_batch`` (what ``pack_documents`` calls) and ``encode_batch_fast``
+(the same without character offsets) on the texts already in memory, in the same batches. Each
 run starts from a fresh copy of the tokenizer so neither side profits from the other's BPE cache;
 the median of ``--repeats`` runs of each is reported.
 

@@ -109,8 +109,8 @@ def _pack_shard(
     tmp = stem.with_suffix(".bin.tmp")
     with open(tmp, "wb") as out:
         for batch in _read_batches(source, batch_docs):
-            # _fast: no character offsets, which packing never reads
-            encodings = encoder.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
+            # not encode_batch_fast: skipping offsets measured slower here (benchmarks/tokenize_pack.py)
+            encodings = encoder.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
             docs = [encoding.ids + eos for encoding in encodings]
             lengths = np.fromiter(map(len, docs), np.int64, len(docs))
             np.fromiter(chain.from_iterable(docs), dtype, int(lengths.sum())).tofile(out)
