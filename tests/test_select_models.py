@@ -175,3 +175,7 @@ def test_invalid_configurations_are_refused_with_the_fix():
         PreSelect(target={"domains": ["x"]}, family="checkpoints", checkpoints=1, target_steps=0)
     with pytest.raises(ValidationError, match="target_steps > 0"):
         PreSelect(target={"domains": ["x"]}, target_steps=0)
+    with pytest.raises(ValidationError, match=r"\['checkpoints', 'widths'\] do nothing with family=domains"):
+        PreSelect(target={"domains": ["x"]}, widths=[32, 64], checkpoints=3)
+    with pytest.raises(ValidationError, match=r"\['domain_docs'\] do nothing with family=checkpoints"):
+        PreSelect(target={"domains": ["x"]}, family="checkpoints", domain_docs=100)

@@ -86,6 +86,10 @@ class PreSelectParams(ProxyParams):
 
     @model_validator(mode="after")
     def _enough_models(self) -> "PreSelectParams":
+        other = {"domains": {"widths", "checkpoints"}, "checkpoints": {"domain_docs"}}[self.family]
+        if other & self.model_fields_set:
+            raise ValueError(f"{sorted(other & self.model_fields_set)} do nothing with family={self.family}: "
+                             f"drop them or set the other family")
         if self.family == "domains":
             if not self.target_steps:
                 raise ValueError("PreSelect with family=domains continues the pool run for target_steps: set "
