@@ -10,7 +10,9 @@ domain, and the model is evaluated on held-out documents of it (and of every oth
 method scores the pool as its curation step does (same code path as a recipe); the benchmark then
 keeps the highest-ranked documents until a token budget (a fixed share of the pool's tokens, counted
 with the training tokenizer) and trains the same small model on them for the same number of tokens.
-Random selection, by id hash, is the peer. Tokens-to-reach is measured two ways, both printed:
+Random selection, by id hash, is the peer; ``--methods ... oracle`` adds a selection that reads the
+domain labels (target pieces first): what a perfect domain filter would give at this scale.
+Tokens-to-reach is measured two ways, both printed:
 
 * ``complete_runs``: one complete run (its own warm-up and cosine decay) per share of the training
   tokens in ``run_fractions``: every point is a finished model trained on that many tokens, so a
@@ -65,7 +67,8 @@ from tokenmill.tokens.tokenizer import train_tokenizer
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.loop import train
 
-METHODS = ("random", "dsir", "quality_classifier", "perplexity", "color_filter", "preselect")
+METHODS = ("random", "dsir", "quality_classifier", "perplexity", "color_filter", "preselect", "oracle")
+DEFAULT_METHODS = METHODS[:-1]
 SETTINGS = ("in_pool", "out_of_pool")
 
 
@@ -186,7 +189,7 @@ def make_step(method: str, target_file: Path, scale: Scale, device: str, scratch
     target = {"sources": [{"path": str(target_file)}], "max_docs": scale.target_pieces}
     proxy = {**scale.proxy, "device": device}
     extra = scale.step_params.get(method, {})
-    if method == "random":
+    if method in ("random", "oracle"):
         return None
     if method == "dsir":
         return Dsir(target=target)
@@ -298,7 +301,10 @@ def run_setting(name: str, corpus: dict[str, pa.Table], target: str, methods: li
     for method in methods:
         start = time.perf_counter()
         step = make_step(method, target_file, scale, device, folder / "scratch")
-        keys, counters = ranking_keys(step, pool, shard_rows=max(1, pool.num_rows // 4))
+        if method == "oracle":  # every target-domain piece first: a perfect domain filter
+            keys, counters = (domains == target).astype(np.float64), {}
+        else:
+            keys, counters = ranking_keys(step, pool, shard_rows=max(1, pool.num_rows // 4))
         seconds = time.perf_counter() - start
         rows = take_budget(keys, ties, tokens, budget)
         records, within = train_on(pool.take(rows), corpus["heldout"], tokenizer, folder / "tokenizer", scale, device,
@@ -357,7 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for proxies and training (cpu, cuda)")
     parser.add_argument("--target", default="python_docs", help="target domain (a <domain>.jsonl of the corpus)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="selection methods (default: all but oracle, which reads the domain labels: "
+                        "a perfect domain filter, for reference)")
     parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("TOKENMILL_CORPUS",
                                                                             "/tmp/tokenmill-corpus/out")),
                         help="folder of <domain>.jsonl(.gz) files (default: $TOKENMILL_CORPUS or the build "
@@ -380,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     plot_path = args.plot or args.workdir / "data_efficiency.png"
     plot(settings, args.target, plot_path)
     best = {name: {view: min((r["token_ratio"][view] for m, r in s["methods"].items()
-                              if m != "random" and r.get("token_ratio", {}).get(view)), default=None)
+                              if m not in ("random", "oracle") and r.get("token_ratio", {}).get(view)),
+                             default=None)
                    for view in ("complete_runs", "within_run")} for name, s in settings.items()}
     print(json.dumps({
         "benchmark": "data_efficiency", "scale": args.scale, "device": args.device, "target": args.target,
