@@ -26,10 +26,6 @@ matters is that the family's members differ in *what* they know, not only in how
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +37,8 @@ from tokenmill.curate.base import register_step
 from tokenmill.model.llama import Llama
 from tokenmill.select.base import TargetSet
 from tokenmill.select.proxy import ProxyLab, ProxyParams, ProxyScoreStep
-from tokenmill.select.quality import FastTextHyper, fasttext_scores, load_fasttext, train_fasttext
+from tokenmill.select.quality import FastTextHyper, fasttext_scores, load_fasttext, save_fasttext, \
+    train_fasttext
 
 
 def predictive_strength(doc_bits: np.ndarray, target_bits: np.ndarray) -> np.ndarray:
@@ -166,15 +163,7 @@ class PreSelect(ProxyScoreStep):
         n = max(1, round(p.label_fraction * len(ranked)))
         classifier = train_fasttext(list(labelled[ranked[:n]]), list(labelled[ranked[-n:]]), seed=p.seed,
                                     **p.fasttext.model_dump())
-        if p.save_path:
-            path = Path(p.save_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            folder = tempfile.mkdtemp(prefix="tokenmill-preselect-")
-            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
-            path = Path(folder) / "model.bin"
-        classifier.save_model(str(path))
-        self.model_path = str(path)
+        self.model_path = save_fasttext(classifier, p.save_path, owner=self)
 
     def proxy_scores(self, table: pa.Table) -> np.ndarray:
         return fasttext_scores(load_fasttext(self.model_path), table["text"])

@@ -108,6 +108,20 @@ def fasttext_scores(model: fasttext.FastText._FastText, texts: list[str] | pa.Ar
     return np.array([p[row.index(positive_label)] for row, p in zip(labels, probs)], dtype=np.float64)
 
 
+def save_fasttext(model: fasttext.FastText._FastText, save_path: str | None, *, owner: object) -> str:
+    """Save a trained classifier to ``save_path``, or to a temporary folder removed when ``owner``
+    (the step) is garbage-collected; return the file's path for ``load_fasttext``."""
+    if save_path:
+        path = Path(save_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = tempfile.mkdtemp(prefix=f"tokenmill-{type(owner).__name__.lower()}-")
+        weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+        path = Path(folder) / "model.bin"
+    model.save_model(str(path))
+    return str(path)
+
+
 _LOADED: dict[tuple[str, int], fasttext.FastText._FastText] = {}  # one load per model file per worker
 
 
@@ -188,15 +202,7 @@ class QualityClassifier(ScoreStep):
             negatives = neg.read_sources(seed) + merge_samples([p.negative for p in parts if p.negative],
                                                                neg.max_docs)
         model = train_fasttext(positives, negatives, seed=seed, **self.params.fasttext.model_dump())
-        if self.params.save_path:
-            path = Path(self.params.save_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            folder = tempfile.mkdtemp(prefix="tokenmill-quality-")
-            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
-            path = Path(folder) / "model.bin"
-        model.save_model(str(path))
-        self.model_path = str(path)
+        self.model_path = save_fasttext(model, self.params.save_path, owner=self)
 
     def score(self, table: pa.Table) -> np.ndarray:
         return fasttext_scores(load_fasttext(self.model_path), table["text"], self.params.positive_label)
