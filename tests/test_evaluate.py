@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tokenmill import TokenmillError
-from tokenmill.evaluate.bpb import bits_per_byte
+from tokenmill.model.bpb import bits_per_byte
 
 TEXTS = {
     "verse": [

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from conftest import demo_docs
 from tokenmill.documents.schema import make_table
-from tokenmill.evaluate.bpb import bits_per_byte
+from tokenmill.model.bpb import bits_per_byte
 from tokenmill.model.hf import export_hf
 from tokenmill.select.color_filter import ColorFilter
 from tokenmill.select.perplexity import PerplexityBand

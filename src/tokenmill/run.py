@@ -168,7 +168,7 @@ class Runner:
     def evaluate(self) -> None:
         import torch
 
-        from tokenmill.evaluate.bpb import bits_per_byte
+        from tokenmill.model.bpb import bits_per_byte
         from tokenmill.tokens.tokenizer import load_tokenizer
         from tokenmill.train.checkpoint import load_trained_model
 

@@ -22,7 +22,7 @@ import torch
 
 from tokenmill import TokenmillError
 from tokenmill.documents.shards import list_shards, write_json_atomic
-from tokenmill.evaluate.bpb import bits_per_byte
+from tokenmill.model.bpb import bits_per_byte
 from tokenmill.evaluate.membership import MembershipConfig, membership_report
 from tokenmill.model.hf import import_hf
 from tokenmill.recipe import Recipe, parse_recipe, read_yaml

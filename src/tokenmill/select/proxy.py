@@ -178,7 +178,7 @@ class ProxyLab:
             return np.where(n_bytes > 0, bits / n_bytes, np.nan)
 
     def pooled_bits_per_byte(self, model: Llama, texts: Sequence[str]) -> float:
-        """Bits per byte of a whole set: bits and bytes summed over its documents, as ``evaluate.bpb`` pools."""
+        """Bits per byte of a whole set: bits and bytes summed over its documents, as ``model.bpb`` pools."""
         bits, n_bytes = self._bits_and_bytes(model, texts)
         return float(bits.sum() / n_bytes.sum())
 
@@ -332,7 +332,7 @@ def document_bits(
 
     A document is ``[eos] + encode(text)`` (the boundary the model saw in training) cut into
     back-to-back windows of ``seq_len`` predictions, each scored from a fresh context: cheaper than
-    ``evaluate.bpb``'s half-overlapping windows (every token is read once), and ranking documents
+    ``model.bpb``'s half-overlapping windows (every token is read once), and ranking documents
     needs comparable scores, not the best estimate of each one. Windows of all documents are
     batched longest first to waste little on padding.
     """

@@ -126,7 +126,7 @@ def _resume_loader(loader: TokenLoader, saved: dict[str, Any]) -> None:
 
 def _bits_per_byte(model: Llama, tokenizer, docs: pa.Table, cfg: TrainConfig, device, bf16: bool) -> dict:
     """In-loop bits per byte per domain on (a capped number of) held-out documents."""
-    from tokenmill.evaluate.bpb import bits_per_byte
+    from tokenmill.model.bpb import bits_per_byte
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         result = bits_per_byte(model, tokenizer, docs, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size,
