@@ -6,17 +6,38 @@ parent never holds more than the results.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
 
-def _single_threaded_worker() -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker blocks on a queue whose write end it holds itself, so it never sees its parent die:
+    after a kill -9 of ``tokenmill run`` it would live on, and so would the resource tracker that
+    waits for every holder of its pipe. The kernel signals the worker instead (Linux only); a parent
+    that died before prctl ran is caught by the ppid check."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
     """One process per core already fills the machine: BLAS/OpenMP threads inside each worker would
     only oversubscribe it (seen as a several-fold slowdown of torch and numpy on 2 cores)."""
+    _die_with_parent(parent)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
 
@@ -34,8 +55,10 @@ class LocalExecutor:
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: workers start clean (no inherited threads from torch/tqdm in the parent).
+            # A worker is started by the thread calling map and gets its death signal when that
+            # thread ends, so map must run on a thread that outlives the pool (callers use the main one).
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_single_threaded_worker)
+                                             initializer=_init_worker, initargs=(os.getpid(),))
         return self._pool
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
