@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import pickle
 import random
@@ -15,16 +16,19 @@ from conftest import demo_docs
 from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepResult
 from tokenmill.curate.decontam import Decontaminate
-from tokenmill.curate.dedup import ExactDedup, LineDedup, word_hashes
+from tokenmill.curate.dedup import ExactDedup, LineDedup
 from tokenmill.curate.minhash import (MinHashDedup, band_hashes, connected_components,
-                                      detection_probability, estimated_jaccard, minhash_signatures,
-                                      ngram_hashes)
+                                      detection_probability, estimated_jaccard, minhash_signatures)
+from tokenmill.documents.hashing import ngram_hashes, word_hashes
 from tokenmill.documents.schema import make_table
 
 
 def run_step(step: Step, shards: list[list[dict]]) -> list[StepResult]:
+    return run_tables(step, [make_table(rows) for rows in shards])
+
+
+def run_tables(step: Step, tables: list[pa.Table]) -> list[StepResult]:
     """fit_map per shard and process per shard in 'workers' (pickled copies), fit_reduce in order."""
-    tables = [make_table(rows) for rows in shards]
     if step.needs_fit:
         step.fit_reduce([pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(step)).fit_map(t))) for t in tables])
     worker = pickle.loads(pickle.dumps(step))
@@ -40,8 +44,13 @@ def removed(results: list[StepResult]) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-def doc(id_: str, text: str) -> dict:
-    return {"id": id_, "text": text, "domain": "test", "source": "test"}
+def rejected(results: list[StepResult]) -> dict[str, dict]:
+    """{removed id: its rejected record} over all shards."""
+    return {row["id"]: row for r in results for row in r.removed.to_pylist()}
+
+
+def doc(id_: str, text: str, meta: dict | None = None) -> dict:
+    return {"id": id_, "text": text, "domain": "test", "source": "test", "meta": meta or {}}
 
 
 def edit_words(text: str, fraction: float, rng: random.Random) -> str:
@@ -63,6 +72,11 @@ def jaccard(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
+def assert_estimates_jaccard(estimate: float, truth: float, num_perm: int = 112) -> None:
+    """Signature agreement is binomial around the true Jaccard: allow 4 standard deviations."""
+    assert abs(estimate - truth) < 4 * np.sqrt(truth * (1 - truth) / num_perm) + 0.01
+
+
 # ---- exact ------------------------------------------------------------------------------------------
 
 def test_exact_dedup_keeps_first_across_shards_and_ignores_case_and_spacing():
@@ -71,6 +85,43 @@ def test_exact_dedup_keeps_first_across_shards_and_ignores_case_and_spacing():
     results = run_step(ExactDedup(), [first, second])
     assert removed(results) == {"b0": ("exact_duplicate", "a0"), "b2": ("exact_duplicate", "a2")}
     assert results[0].kept.num_rows == 3 and results[1].kept["id"].to_pylist() == ["b1"]
+
+
+def test_exact_dedup_keep_newest_by_a_column():
+    rows = [doc(i, "The same text.") for i in "abcde"] + [doc("f", "Other text.")]
+    day = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    fetched = [None, day, day.replace(month=3), day.replace(month=3), day.replace(month=2), day]
+    table = make_table(rows).append_column("fetched", pa.array(fetched, pa.timestamp("s", tz="UTC")))
+    results = run_tables(ExactDedup(keep="newest", newest_field="fetched"), [table.slice(0, 3), table.slice(3)])
+    assert removed(results) == {i: ("exact_duplicate", "c") for i in "abde"}  # d ties with c, later in corpus
+    assert {row["similarity"] for row in rejected(results).values()} == {1.0}
+
+
+def test_exact_dedup_keep_longest_and_first():
+    rows = [doc("a", "Same  text"), doc("b", "same text"), doc("c", "  SAME   TEXT  ")]
+    assert removed(run_step(ExactDedup(keep="longest"), [rows])) == {"a": ("exact_duplicate", "c"),
+                                                                      "b": ("exact_duplicate", "c")}
+    assert removed(run_step(ExactDedup(keep="first"), [rows])) == {"b": ("exact_duplicate", "a"),
+                                                                    "c": ("exact_duplicate", "a")}
+
+
+@pytest.mark.parametrize("dates, message", [
+    (["May 3, 2024", "2024-05-03"], "newest_field meta.date of document 'x0' is 'May 3, 2024', neither"),
+    ([2024, "2024-05-03"], "holds numbers in some documents and dates in others"),
+])
+def test_keep_newest_refuses_values_it_cannot_compare(dates, message):
+    shards = [[doc(f"x{k}", "Same text", {"date": date})] for k, date in enumerate(dates)]
+    with pytest.raises(TokenmillError, match=message):
+        run_step(ExactDedup(keep="newest", newest_field="meta.date"), shards)
+
+
+def test_keep_newest_needs_a_field_that_exists():
+    with pytest.raises(ValidationError, match="keep: newest needs newest_field"):
+        MinHashDedup(keep="newest")
+    with pytest.raises(ValidationError, match="newest_field is used only with keep: newest"):
+        ExactDedup(newest_field="meta.date")
+    with pytest.raises(TokenmillError, match="newest_field 'fetched' is no column"):
+        run_step(ExactDedup(keep="newest", newest_field="fetched"), [[doc("a", "text")]])
 
 
 def test_exact_dedup_without_normalisation_needs_identical_bytes():
@@ -100,6 +151,60 @@ def test_minhash_keep_longest_keeps_the_extended_copy(chapters):
     assert removed(results) == {original["id"]: ("near_duplicate", "longer")}
     first_kept = run_step(MinHashDedup(keep="first"), [[original, chapters[1]], [extended]])
     assert removed(first_kept) == {"longer": ("near_duplicate", original["id"])}
+
+
+def ten_versions(chapter: dict) -> list[str]:
+    """A text and nine successive revisions (1% of words edited each): a chain, J = 0.9 between neighbours."""
+    rng = random.Random(5)
+    versions = [chapter["text"]]
+    for _ in range(9):
+        versions.append(edit_words(versions[-1], 0.01, rng))
+    return versions
+
+
+def test_minhash_keep_newest_keeps_the_newest_of_ten_versions(chapters):
+    versions = ten_versions(chapters[3])
+    # v7 is the newest; v3's string sorts after it but is earlier in UTC; v0 has no date and loses.
+    dates = [None, "2023-01-05", "2023-02-01", "2024-06-01T12:00:00+05:00", "2023-03-01", "2023-04-01",
+             "2023-05-01", "2024-06-01T09:00:00Z", "2023-06-01", "2024-05-31"]
+    rows = [doc(f"v{k}", text, {"date": date} if date else {}) for k, (text, date) in enumerate(zip(versions, dates))]
+    results = run_step(MinHashDedup(keep="newest", newest_field="meta.date"), [rows[:5] + chapters[:2], rows[5:]])
+    assert removed(results) == {f"v{k}": ("near_duplicate", "v7") for k in range(10) if k != 7}
+    for k, row in ((int(i[1:]), row) for i, row in rejected(results).items()):
+        assert_estimates_jaccard(row["similarity"], jaccard(versions[k], versions[7]))
+
+
+def test_minhash_keep_longest_keeps_the_longest_of_ten_versions(chapters):
+    versions = ten_versions(chapters[3])
+    versions[6] += " And it came to pass that the end was near, and they went out into the field together."
+    assert max(map(len, versions)) == len(versions[6])
+    rows = [doc(f"v{k}", text) for k, text in enumerate(versions)]
+    results = run_step(MinHashDedup(keep="longest"), [rows[:5], rows[5:] + chapters[:2]])
+    assert removed(results) == {f"v{k}": ("near_duplicate", "v6") for k in range(10) if k != 6}
+    for k, row in ((int(i[1:]), row) for i, row in rejected(results).items()):
+        assert_estimates_jaccard(row["similarity"], jaccard(versions[k], versions[6]))
+
+
+def test_minhash_reports_a_chained_member_s_own_similarity_to_the_kept_document(chapters):
+    rng = random.Random(3)
+
+    def edit_half(text: str, second: bool) -> str:
+        words = text.split()
+        half = len(words) // 2
+        for position in rng.sample(range(half * second, half * (1 + second)), round(0.025 * len(words))):
+            words[position] = f"zq{rng.randrange(10**6)}"
+        return " ".join(words)
+
+    a = chapters[4]["text"]
+    b = edit_half(a, second=False)
+    c = edit_half(b, second=True)
+    assert min(jaccard(a, b), jaccard(b, c)) > 0.8 > 0.7 > jaccard(a, c)  # c is near b only
+    results = run_step(MinHashDedup(), [[doc("a", a), doc("b", b)], [doc("c", c)]])
+    assert removed(results) == {"b": ("near_duplicate", "a"), "c": ("near_duplicate", "a")}
+    similarity = rejected(results)["c"]["similarity"]
+    assert similarity < 0.7
+    assert_estimates_jaccard(similarity, jaccard(a, c))
+    assert [r.counters["chained_duplicates"] for r in results] == [0, 1]
 
 
 def test_minhash_handles_empty_and_short_documents():

@@ -24,8 +24,7 @@ from pydantic import Field
 
 from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
-from tokenmill.curate.dedup import word_hashes
-from tokenmill.curate.minhash import ngram_hashes
+from tokenmill.documents.hashing import ngram_hashes, word_hashes
 from tokenmill.documents.schema import with_reason
 
 HIT_PREFIX = "hit:"

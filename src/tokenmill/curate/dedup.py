@@ -1,151 +1,190 @@
-"""Exact and line-level deduplication, and the vectorised text hashing every dedup step shares.
+"""Exact and line-level deduplication, and what every duplicate-removing step shares: which document
+of a group of duplicates is kept (``keep``), and the record, on each removed document, of the one kept
+in its place.
 
-Hashes are 64-bit, so two different texts collide with probability about n²/2⁶⁵ over n texts
-(3·10⁻⁶ at ten million documents). Long strings (documents, vocabulary words) go through
-``hashlib.blake2b`` one call each, which is faster than any numpy byte loop for them; many short
-sequences (lines, n-grams) are hashed in numpy from their words' hashes, never one Python call each.
-
-Both steps keep the first occurrence in corpus order (shard order, then row order), the order in
-which ``fit_reduce`` receives the shards' partial results.
+Ties between candidates for keeping, and the whole choice under ``keep: first``, go by corpus order
+(shard order, then row order), the order in which ``fit_reduce`` receives the shards' partial results.
+Line dedup keeps each line's first occurrence in that order.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import ClassVar, Literal, NamedTuple
+import datetime
+import json
+import math
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.documents.hashing import hash_strings, mix64, normalized_text_hashes, sequence_hashes, word_hashes
 from tokenmill.documents.schema import put_column, with_reason
 
-_SPACE_BYTE = np.zeros(256, bool)
-_SPACE_BYTE[[9, 10, 11, 12, 13, 32]] = True
-# A word is a maximal run of ASCII letters, digits, "_" or non-ASCII bytes (so a multi-byte UTF-8
-# character is never split); everything else (spaces, ASCII punctuation) separates words.
-_WORD_BYTE = np.zeros(256, bool)
-_WORD_BYTE[[*b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", *range(128, 256)]] = True
+# Kinds of newest_field value, as bits: numbers and dates do not compare, so one field must not mix them.
+_NUMBER, _DATE = 1, 2
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection of uint64 that spreads every input bit over the output."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+class KeepParams(StepParams):
+    """Parameters of a step that keeps one document per group of duplicates."""
 
-
-def string_buffers(strings: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """The bytes (uint8) and ``len + 1`` int64 offsets (from 0) of an Arrow string column, without copying bytes."""
-    if isinstance(strings, pa.ChunkedArray):
-        strings = strings.combine_chunks()
-    strings = strings.cast(pa.large_binary())
-    _, offsets_buffer, data_buffer = strings.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int64)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.empty(0, np.uint8) if data_buffer is None else np.frombuffer(data_buffer, np.uint8)
-    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
-def blake64(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """64-bit BLAKE2b of each segment ``data[offsets[i]:offsets[i+1]]``."""
-    view = memoryview(data)
-    digests = b"".join(
-        hashlib.blake2b(view[start:end], digest_size=8).digest()
-        for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+    keep: Literal["first", "longest", "newest"] = Field(
+        "first", description="Which document of a group of duplicates survives: 'first' in corpus order "
+        "(shard, then row), 'longest' (most characters) or 'newest' (greatest newest_field). Documents "
+        "lacking newest_field lose to those that have it; ties go by corpus order.",
     )
-    return np.frombuffer(digests, np.uint64).copy()
+    newest_field: str | None = Field(
+        None, description="With keep: newest, where each document's date is: 'meta.<key>', a key of the "
+        "JSON object in the meta column (source fields the reader kept; 'meta.a.b' for nested objects), "
+        "or the name of a column. Values are ISO 8601 dates or times ('2024-05-03', "
+        "'2024-05-03T10:00:00Z'; UTC when no offset is given), timestamp or date columns, or numbers "
+        "(a Unix time, a version); one field must not mix numbers and dates. Absent, null or '': missing.",
+    )
+
+    @model_validator(mode="after")
+    def _newest_needs_a_field(self) -> "KeepParams":
+        if (self.keep == "newest") != (self.newest_field is not None):
+            raise ValueError(
+                f"{self.step}: keep: newest needs newest_field (where each document's date is, e.g. "
+                "meta.date), and newest_field is used only with keep: newest"
+            )
+        return self
 
 
-def hash_strings(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """64-bit hash of each string, stable across processes and runs (unlike Python's ``hash``)."""
-    return blake64(*string_buffers(strings))
+def _recency(value: Any) -> tuple[float, int] | None:
+    """A newest_field value as (number to compare, kind); NaN when missing, None when not a date or number."""
+    if value is None or value == "":
+        return math.nan, 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), _NUMBER
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        value = datetime.datetime.combine(value, datetime.time())
+    if not isinstance(value, datetime.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.timestamp(), _DATE
 
 
-def normalized_text_hashes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Hash of each text lowercased, trimmed, with every run of ASCII whitespace made one space."""
-    data, offsets = string_buffers(pc.utf8_trim_whitespace(pc.utf8_lower(texts)))
-    space = _SPACE_BYTE[data]
-    repeated = np.zeros_like(space)
-    repeated[1:] = space[1:] & space[:-1]  # trimmed texts never start with a space
-    keep = ~repeated
-    kept_before = np.r_[0, np.cumsum(keep)]
-    return blake64(np.where(space, np.uint8(32), data)[keep], kept_before[offsets])
+def _field_values(table: pa.Table, field: str) -> list:
+    """Each row's ``field``: a column, or with ``meta.`` a (nested) key of the meta JSON."""
+    if not field.startswith("meta."):
+        if field not in table.column_names:
+            raise TokenmillError(
+                f"newest_field {field!r} is no column (columns: {', '.join(table.column_names)}); "
+                "name a key of the meta JSON as meta.<key>"
+            )
+        return table[field].to_pylist()
+    values = []
+    for meta in table["meta"].to_pylist():
+        value = json.loads(meta) if meta else None
+        for key in field.split(".")[1:]:
+            value = value.get(key) if isinstance(value, dict) else None
+        values.append(value)
+    return values
 
 
-def word_hashes(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Hash every lowercased word of every text: ``(hashes, offsets)``, text i's words at offsets[i]:offsets[i+1].
+def best_per_group(groups: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """For each row, the row its group keeps: the greatest key (NaN least), ties the earliest.
 
-    Runs on the batch's bytes in numpy; only the batch's distinct words are hashed one by one.
+    ``groups`` labels each row with an integer in ``[0, len(groups))``.
     """
-    data, offsets = string_buffers(pc.utf8_lower(texts))
-    is_word = _WORD_BYTE[data]
-    text_starts = offsets[:-1][offsets[:-1] < len(data)]
-    text_ends = offsets[1:][offsets[1:] > 0] - 1
-    first = is_word.copy()
-    first[1:] &= ~is_word[:-1]
-    first[text_starts] = is_word[text_starts]
-    last = is_word.copy()
-    last[:-1] &= ~is_word[1:]
-    last[text_ends] = is_word[text_ends]
-    starts, ends = np.flatnonzero(first), np.flatnonzero(last) + 1
-    word_offsets = np.r_[0, np.cumsum(ends - starts)]
-    words = pa.Array.from_buffers(
-        pa.large_binary(), len(starts), [None, pa.py_buffer(word_offsets), pa.py_buffer(data[is_word])]
-    ).dictionary_encode()
-    hashes = hash_strings(words.dictionary)[words.indices.to_numpy()]
-    return hashes, np.searchsorted(starts, offsets)
-
-
-def sequence_hashes(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """One order-sensitive 64-bit hash per segment ``values[offsets[i]:offsets[i+1]]`` of uint64 hashes."""
-    counts = np.diff(offsets)
-    position = np.arange(len(values)) - np.repeat(offsets[:-1], counts)
-    terms = mix64(values + position.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    sums = np.zeros(len(counts), np.uint64)
-    nonempty = counts > 0
-    sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
-    return mix64(sums ^ counts.astype(np.uint64))
+    order = np.lexsort((-np.nan_to_num(keys, nan=-np.inf), groups))  # stable: ties stay in corpus order
+    sorted_groups = groups[order]
+    head = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
+    winner = np.empty(len(groups), np.int64)
+    winner[sorted_groups[head]] = order[head]
+    return winner[groups]
 
 
 class DuplicateStep(Step):
     """A step that, after a whole-corpus fit, removes documents duplicating a kept one.
 
-    The fitted state is two aligned Arrow string arrays, the removed ids and their kept twins' ids, so
-    a worker holds only the duplicates and ``process`` is one vectorised ``index_in`` per shard. Each
-    removed row gets a ``duplicate_of`` column naming the document kept in its place.
+    The fitted state is three aligned Arrow arrays, the removed ids, their kept twins' ids and their
+    similarity to them, so a worker holds only the duplicates and ``process`` is one vectorised
+    ``index_in`` per shard. Each removed row gets a ``duplicate_of`` column naming the document kept in
+    its place and a ``similarity`` column: the Jaccard similarity of the two documents' shingle sets
+    (1.0 for exact duplicates, estimated from the signatures for near ones; null when not known).
     """
 
     reason: ClassVar[str]
 
-    def _remember(self, parts: list, duplicate_rows: np.ndarray, kept_rows: np.ndarray) -> None:
+    def keep_keys(self, table: pa.Table) -> tuple[np.ndarray | None, int]:
+        """Each row's rank under the keep policy (greater wins, NaN loses; None for 'first') and the
+        kinds of newest_field value seen, for ``keepers`` to check across shards."""
+        p = self.params
+        if p.keep == "first":
+            return None, 0
+        if p.keep == "longest":
+            return pc.utf8_length(table["text"]).to_numpy().astype(np.float64), 0
+        keys, kinds = np.empty(table.num_rows), 0
+        for row, (doc_id, value) in enumerate(zip(table["id"].to_pylist(), _field_values(table, p.newest_field))):
+            recency = _recency(value)
+            if recency is None:
+                raise TokenmillError(
+                    f"{self.name}: newest_field {p.newest_field} of document {doc_id!r} is {value!r}, neither "
+                    "a number nor an ISO 8601 date (like 2024-05-03 or 2024-05-03T10:00:00Z)"
+                )
+            keys[row], kind = recency
+            kinds |= kind
+        return keys, kinds
+
+    def keepers(self, groups: np.ndarray, parts: list) -> np.ndarray:
+        """For each corpus row, the row kept in its place among its group (``parts`` carry ``keys``, ``kinds``)."""
+        kinds = 0
+        for part in parts:
+            kinds |= part.kinds
+        if kinds == _NUMBER | _DATE:
+            raise TokenmillError(
+                f"{self.name}: newest_field {self.params.newest_field} holds numbers in some documents and "
+                "dates in others, which do not compare; make it one or the other"
+            )
+        if self.params.keep == "first":
+            return best_per_group(groups, np.zeros(len(groups)))
+        return best_per_group(groups, np.concatenate([p.keys for p in parts] or [np.empty(0)]))
+
+    def _remember(self, parts: list, duplicate_rows: np.ndarray, kept_rows: np.ndarray,
+                  similarity: np.ndarray | None) -> None:
         """Store the duplicates found over ``parts`` (each with an ``ids`` array), by corpus-order row."""
         ids = pa.concat_arrays([p.ids for p in parts]) if parts else pa.array([], pa.string())
         self.removed_ids = ids.take(pa.array(duplicate_rows, pa.int64()))
         self.kept_twins = ids.take(pa.array(kept_rows, pa.int64()))
+        self.similarities = pa.array(similarity, pa.float64()) if similarity is not None else pa.nulls(
+            len(duplicate_rows), pa.float64())
 
     def process(self, table: pa.Table) -> StepResult:
         position = pc.index_in(table["id"], value_set=self.removed_ids)
         is_duplicate = pc.is_valid(position)
-        twins = self.kept_twins.take(pc.drop_null(position).combine_chunks())
+        found = pc.drop_null(position).combine_chunks()
         removed = with_reason(table.filter(is_duplicate), self.reason, self.name)
-        return StepResult(table.filter(pc.invert(is_duplicate)), removed.append_column("duplicate_of", twins))
+        removed = removed.append_column("duplicate_of", self.kept_twins.take(found))
+        removed = removed.append_column("similarity", self.similarities.take(found))
+        return StepResult(table.filter(pc.invert(is_duplicate)), removed)
 
 
 class _ExactPart(NamedTuple):
     ids: pa.Array
     hashes: np.ndarray
+    keys: np.ndarray | None  # keep policy ranks (see DuplicateStep.keep_keys)
+    kinds: int
 
 
 @register_step
 class ExactDedup(DuplicateStep):
-    """Remove documents whose (normalised) text equals an earlier document's."""
+    """Remove documents whose (normalised) text equals another's, keeping one per group."""
 
     name = "exact_dedup"
     reason = "exact_duplicate"
 
-    class Params(StepParams):
+    class Params(KeepParams):
         step: Literal["exact_dedup"] = "exact_dedup"
         normalize: bool = Field(
             True,
@@ -156,14 +195,15 @@ class ExactDedup(DuplicateStep):
     def fit_map(self, table: pa.Table) -> _ExactPart:
         text = table["text"]
         hashes = normalized_text_hashes(text) if self.params.normalize else hash_strings(text)
-        return _ExactPart(table["id"].combine_chunks(), hashes)
+        return _ExactPart(table["id"].combine_chunks(), hashes, *self.keep_keys(table))
 
     def fit_reduce(self, parts: list[_ExactPart]) -> None:
         hashes = np.concatenate([p.hashes for p in parts]) if parts else np.empty(0, np.uint64)
-        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        keeper = first[inverse]
+        _, groups = np.unique(hashes, return_inverse=True)
+        keeper = self.keepers(groups, parts)
         duplicates = np.flatnonzero(keeper != np.arange(len(hashes)))
-        self._remember(parts, duplicates, keeper[duplicates])
+        # Equal after normalising means equal word sequences: every word n-gram is shared.
+        self._remember(parts, duplicates, keeper[duplicates], np.ones(len(duplicates)))
 
 
 class _LinePart(NamedTuple):

@@ -16,7 +16,15 @@ fraction of agreeing signature positions estimates s with standard deviation sqr
 (0.038 at s = 0.8), so a pair passes at ``verify_threshold`` 0.7 with probability 0.996 when s = 0.8,
 while band collisions between unrelated documents (s ≲ 0.5) fail. Verifying at 0.8 itself would
 drop about half the pairs whose true s is 0.8. Candidate pairs are joined into clusters (union-find),
-one document per cluster is kept.
+one document per cluster is kept (``keep``), and every other member is removed with ``duplicate_of``
+naming it and ``similarity`` its estimated Jaccard to it.
+
+Clusters chain: when A ~ B and B ~ C, C joins A's cluster even if C is not itself near A. We keep
+these cluster semantics, as datatrove and NeMo Curator do: a recipe then removes what those tools
+remove, and one document stands for each family of versions (crediting C to a kept document it is
+near would mean keeping C, a second member of the family). So that a chain is not hidden,
+``similarity`` is C's own estimated Jaccard to the kept document, below ``verify_threshold`` for a
+chained member, and the counter ``chained_duplicates`` counts such removals.
 
 Hashing is vectorised over a whole batch: every shingle is hashed once to 64 bits from its words'
 hashes, then each of the ``num_perm`` functions is h(x) = ((a·x + b) mod 2⁶⁴) >> 32 on the shingle's
@@ -34,8 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from tokenmill.curate.base import StepParams, register_step
-from tokenmill.curate.dedup import DuplicateStep, mix64, word_hashes
+from tokenmill.curate.base import StepResult, register_step
+from tokenmill.curate.dedup import DuplicateStep, KeepParams
+from tokenmill.documents.hashing import mix64, ngram_hashes, odd_constants, word_hashes
 
 _CHUNK = 1 << 15  # shingles per hashing pass: the working arrays stay in cache (2.5× faster than one pass)
 _BATCH_ROWS = 1024  # documents tokenised at once in fit_map: bounds memory on large shards
@@ -45,30 +54,6 @@ _PAIRS_PER_CHECK = 1 << 16  # candidate pairs whose signatures are compared at o
 def detection_probability(jaccard: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:
     """Probability that two documents with this Jaccard similarity share a band: 1 - (1 - s^rows)^bands."""
     return 1.0 - (1.0 - np.asarray(jaccard, float) ** rows) ** bands
-
-
-def _odd_constants(count: int, salt: int) -> np.ndarray:
-    return mix64(np.arange(count, dtype=np.uint64) + np.uint64(salt << 32)) | np.uint64(1)
-
-
-def ngram_hashes(word_hash: np.ndarray, word_offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hash of every word n-gram of every text: ``(hashes, offsets)`` laid out like ``word_hashes``.
-
-    A text of 1 to n-1 words is one n-gram of all its words; a text without words has none.
-    """
-    counts = np.diff(word_offsets)
-    per_text = np.maximum(counts - n + 1, np.minimum(counts, 1))
-    offsets = np.r_[0, np.cumsum(per_text)]
-    # Lay the texts out with n-1 zero hashes after each, so that an n-gram is a plain sliding window:
-    # it never reaches into the next text, and a short text's one n-gram holds only its own words.
-    shift = np.arange(len(counts)) * (n - 1)
-    spaced = np.zeros(len(word_hash) + len(counts) * (n - 1), np.uint64)
-    spaced[np.arange(len(word_hash)) + np.repeat(shift, counts)] = word_hash
-    windows = np.zeros(max(0, len(spaced) - n + 1), np.uint64)
-    for k, multiplier in enumerate(_odd_constants(n, salt=1)):
-        windows += spaced[k : k + len(windows)] * multiplier
-    starts = np.arange(offsets[-1]) + np.repeat(word_offsets[:-1] + shift - offsets[:-1], per_text)
-    return mix64(windows[starts]), offsets
 
 
 def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -102,7 +87,7 @@ def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, a: np.ndarray,
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(texts, bands)`` uint64: one hash of each band's ``rows`` signature values."""
     grouped = signatures.reshape(len(signatures), bands, rows).astype(np.uint64)
-    return mix64((grouped * _odd_constants(rows, salt=2)).sum(axis=2, dtype=np.uint64))
+    return mix64((grouped * odd_constants(rows, salt=2)).sum(axis=2, dtype=np.uint64))
 
 
 def band_candidates(bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,19 +128,10 @@ def connected_components(count: int, first: np.ndarray, second: np.ndarray) -> n
             parent = grandparent
 
 
-def longest_per_component(labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """For each node, the longest node of its component (ties: the earliest)."""
-    order = np.lexsort((-lengths, labels))  # stable: equal lengths stay in corpus order
-    sorted_labels = labels[order]
-    head = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
-    winner = np.empty(len(labels), np.int64)
-    winner[sorted_labels[head]] = order[head]
-    return winner[labels]
-
-
 class _MinHashPart(NamedTuple):
     ids: pa.Array
-    lengths: np.ndarray  # characters, for keep="longest"
+    keys: np.ndarray | None  # keep policy ranks (see DuplicateStep.keep_keys)
+    kinds: int
     bands: np.ndarray  # (docs, bands) uint64
     has_shingles: np.ndarray  # docs without words are never candidates
     signatures: np.ndarray | None  # (docs, num_perm) uint32, kept only when verifying
@@ -168,19 +144,16 @@ class MinHashDedup(DuplicateStep):
     name = "minhash_dedup"
     reason = "near_duplicate"
 
-    class Params(StepParams):
+    class Params(KeepParams):
         step: Literal["minhash_dedup"] = "minhash_dedup"
         ngram: int = Field(5, ge=1, description="Words per shingle (word n-gram).")
         num_perm: int = Field(112, ge=1, description="Hash functions per signature; must equal bands × rows.")
         bands: int = Field(16, ge=1, description="LSH bands; more bands find less similar pairs (see module doc).")
         rows: int = Field(7, ge=1, description="Signature values per band; more rows make candidates stricter.")
-        keep: Literal["first", "longest"] = Field(
-            "first", description="Which document of a cluster survives: the first in corpus order "
-            "(shard, then row) or the longest (ties: the first).",
-        )
         verify: bool = Field(
             True, description="Check each candidate pair's Jaccard estimate from the signatures before "
-            "joining it to a cluster (raises precision; costs keeping signatures during the fit).",
+            "joining it to a cluster (raises precision; costs keeping signatures during the fit, which "
+            "also give each removed document's similarity: null without them).",
         )
         verify_threshold: float = Field(
             0.7, gt=0.0, le=1.0, description="Minimum estimated Jaccard for a verified pair; set it about "
@@ -212,9 +185,11 @@ class MinHashDedup(DuplicateStep):
             signatures.append(minhash_signatures(shingles, offsets, a, b))
             has_shingles.append(np.diff(offsets) > 0)
         signatures = np.concatenate(signatures or [np.empty((0, self.params.num_perm), np.uint32)])
+        keys, kinds = self.keep_keys(table)
         return _MinHashPart(
             ids=table["id"].combine_chunks(),
-            lengths=pc.utf8_length(table["text"]).to_numpy(),
+            keys=keys,
+            kinds=kinds,
             bands=band_hashes(signatures, self.params.bands, self.params.rows),
             has_shingles=np.concatenate(has_shingles or [np.empty(0, bool)]),
             signatures=signatures if self.params.verify else None,
@@ -226,13 +201,19 @@ class MinHashDedup(DuplicateStep):
         usable = np.flatnonzero(np.concatenate([q.has_shingles for q in parts] or [np.empty(0, bool)]))
         bands = np.concatenate([q.bands for q in parts] or [np.empty((0, p.bands), np.uint64)])
         first, second = (usable[side] for side in band_candidates(bands[usable]))
-        if p.verify and len(first):
-            signatures = np.concatenate([q.signatures for q in parts])
+        signatures = np.concatenate([q.signatures for q in parts]) if p.verify and parts else None
+        if signatures is not None and len(first):
             similar = estimated_jaccard(signatures, first, second) >= p.verify_threshold
             first, second = first[similar], second[similar]
-        labels = connected_components(count, first, second)
-        if p.keep == "longest":
-            lengths = np.concatenate([q.lengths for q in parts])
-            labels = longest_per_component(labels, lengths)
-        duplicates = np.flatnonzero(labels != np.arange(count))
-        self._remember(parts, duplicates, labels[duplicates])
+        keeper = self.keepers(connected_components(count, first, second), parts)
+        duplicates = np.flatnonzero(keeper != np.arange(count))
+        similarity = None if signatures is None else estimated_jaccard(signatures, duplicates, keeper[duplicates])
+        self._remember(parts, duplicates, keeper[duplicates], similarity)
+
+    def process(self, table: pa.Table) -> StepResult:
+        """Remove duplicates, counting chained ones (see module doc) so that run stats show them."""
+        result = super().process(table)
+        if self.params.verify:
+            chained = pc.less(result.removed["similarity"], self.params.verify_threshold)
+            result.counters["chained_duplicates"] = pc.sum(chained).as_py() or 0
+        return result

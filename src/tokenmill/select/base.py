@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill import TokenmillError
 from tokenmill.curate.base import Step, StepParams, StepResult
-from tokenmill.curate.dedup import hash_strings, mix64
+from tokenmill.documents.hashing import hash_strings, mix64
 from tokenmill.documents.schema import put_column
 from tokenmill.documents.readers import ReadStats, SourceConfig, read_source
 

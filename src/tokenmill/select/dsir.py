@@ -8,7 +8,7 @@ samples *without replacement* in proportion to the weights by Gumbel top-k: rank
 ``G`` standard Gumbel noise drawn from the document's id hash (reproducible, independent of sharding),
 and keep the best up to the ``keep`` rule's token budget or document count.
 
-Featurisation is vectorised over the batch: words come from ``curate.dedup.word_hashes``, bigram hashes
+Featurisation is vectorised over the batch: words come from ``documents.hashing.word_hashes``, bigram hashes
 are mixed from neighbouring word hashes in numpy, and per-document sums are one ``bincount``.
 """
 
@@ -22,7 +22,7 @@ from pydantic import Field
 
 from tokenmill import TokenmillError
 from tokenmill.curate.base import register_step
-from tokenmill.curate.dedup import mix64, word_hashes
+from tokenmill.documents.hashing import mix64, word_hashes
 from tokenmill.select.base import ScoreParams, ScoreStep, TargetSet, TextSample, id_keys, merge_samples, \
     sample_rows
 
