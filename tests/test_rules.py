@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from tokenmill import TokenmillError
 from tokenmill.curate.base import STEPS, StepResult
+from tokenmill.curate import c4
 from tokenmill.curate.c4 import C4
 from tokenmill.curate.fineweb import FineWebQuality
 from tokenmill.curate.gopher import GopherQuality, GopherRepetition
@@ -64,8 +65,9 @@ def distinct(n: int, length: int = 5, offset: int = 0) -> list[str]:
 
 
 def prose(n_words: int, stop_words: int = 2) -> str:
-    """One sentence of n_words words, of which stop_words are 'the' and the others 'grass'."""
-    return " ".join(["the"] * stop_words + ["grass"] * (n_words - stop_words)) + "."
+    """One sentence of n_words words: the first stop_words distinct stop words ('the', 'and', ...), then
+    'grass'."""
+    return " ".join(["the", "and", "with"][:stop_words] + ["grass"] * (n_words - stop_words)) + "."
 
 
 # ---- registration ----------------------------------------------------------------------------------
@@ -209,6 +211,11 @@ def test_gopher_stop_words():
     assert reasons(step, "The garden, and then theory.") == [""]  # case-insensitive, whole words only
     assert reasons(step, "theory thesis andante") == ["gopher_stop_words"]
     assert reasons(quality(min_stop_words=2, stop_words=["le", "la"]), "le chat et la souris") == [""]
+
+
+def test_gopher_stop_words_counts_distinct_words():
+    step = quality(min_stop_words=2)
+    assert reasons(step, "the the grass grass", "The grass and grass") == ["gopher_stop_words", ""]
 
 
 def test_gopher_quality_first_failing_rule_in_paper_order():
@@ -370,6 +377,12 @@ def test_c4_words_per_line_threshold():
     assert result.kept.column("text").to_pylist() == [five]
 
 
+def test_c4_words_split_on_unicode_whitespace():
+    spaced = "This line has plenty of words."
+    glued = spaced.replace(" ", "\u00a0")  # a non-breaking space, which NFC keeps
+    assert reasons(C4(min_sentences=1), spaced, glued) == ["", ""]
+
+
 def test_c4_sentence_threshold():
     two = "One sentence is here now. Two sentences are here now."
     three = two + "\nAnd a third sentence is here now."
@@ -377,11 +390,33 @@ def test_c4_sentence_threshold():
     assert reasons(C4(min_sentences=5, min_words_per_line=3), three) == ["too_few_sentences"]
 
 
+def test_c4_sentences_come_from_a_sentence_splitter():
+    abbreviations = "Dr. Smith met Mr. Jones and Mrs. Brown at the U.S. embassy at 5 p.m. today."
+    three = "It rained all day. We stayed inside the house. The old roof held up."
+    assert reasons(C4(min_sentences=2), abbreviations, three) == ["too_few_sentences", ""]
+
+
+def test_c4_splits_sentences_only_where_line_count_is_not_decisive(monkeypatch):
+    split = []
+    monkeypatch.setattr(c4, "_count_sentences", lambda lines: split.extend(lines) or [1] * len(lines))
+    few_lines = "It rained all day. We stayed inside the house.\nThe old roof held up well."
+    many_lines = "\n".join(["Each of these lines is a sentence."] * 3)
+    assert reasons(C4(), few_lines, many_lines) == ["too_few_sentences", ""]
+    assert split == few_lines.split("\n")
+
+
 @pytest.mark.parametrize("end", [".", "?", "!", '"'])
 def test_c4_end_marks(end):
     line = f"This line of several words ends with a mark{end}"
     assert reasons(C4(min_sentences=1), line) == [""]
     assert reasons(C4(min_sentences=1, end_marks=".?!" if end == '"' else '"'), line) == ["too_few_sentences"]
+
+
+def test_c4_terminal_punctuation_rule_can_be_switched_off():
+    lines = ["A heading line with no end mark", "A line that trails off with more words...", GOOD_PROSE]
+    result = run(C4(filter_no_terminal_punct=False), "\n".join(lines))
+    assert result.kept.column("text").to_pylist() == ["\n".join(lines)]
+    assert result.counters["lines_removed_no_terminal_punct"] == 0
 
 
 def test_c4_long_words():

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tokenmill.curate.base import FilterStep, StepParams, register_step
-from tokenmill.curate.gopher import (
+from tokenmill.curate.text_rules import (
     at_most,
     count,
     first_failure,
@@ -56,7 +56,12 @@ class FineWebQualityParams(StepParams):
 
 @register_step
 class FineWebQuality(FilterStep):
-    """Reasons, in datatrove's order: line_punct_ratio (≤ 0.12 of lines end in punctuation),
+    """FineWeb (v1, English) rules as datatrove's FineWebQualityFilter ran them from v0.2.0 to v0.3.x, the
+    version of datatrove's examples/fineweb.py that built FineWeb; the thresholds are that filter's
+    defaults. datatrove v0.4.0 (FineWeb-2) changed the rules (strict inequalities, blank lines dropped,
+    multilingual end marks); they are not followed here.
+
+    Reasons, in datatrove's order: line_punct_ratio (≤ 0.12 of lines end in punctuation),
     short_line_ratio (≥ 0.67 of lines have ≤ 30 characters), char_dup_ratio (≥ 0.01 of characters in
     duplicated lines), list_ratio (> 0.3 newlines per word)."""
 
