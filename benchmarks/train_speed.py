@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.train.config import TrainConfig
-from tokenmill.train.loop import peak_flops
+from tokenmill.train.device import peak_flops
 from tokenmill.train.optim import build_adamw
 from tokenmill.train.parallelize import parallelize
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.distributed.checkpoint import FileSystemReader
 
 from tokenmill import TokenmillError
@@ -100,6 +101,13 @@ def test_grad_accumulation_is_derived_and_validated():
         cfg.grad_accum_steps(world_size=3)
     with pytest.raises(TokenmillError, match="micro_batch_size"):
         train_cfg(global_batch_tokens=5 * SEQ)
+
+
+@pytest.mark.parametrize("setting", [{"betas": [1.5, -2]}, {"betas": [0.9, 1.0]}, {"lr": math.inf},
+                                     {"weight_decay": math.inf}])
+def test_invalid_optimizer_settings_fail_validation_naming_the_field(setting):
+    with pytest.raises(ValidationError, match=rf"(?m)^{next(iter(setting))}"):
+        train_cfg(**setting)
 
 
 def test_weight_decay_only_on_matrices():
@@ -196,6 +204,30 @@ def test_resume_after_crash_is_bit_identical(tokens, tmp_path, monkeypatch):
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 21))
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [(r["loss"], r["grad_norm"], r["lr"]) for r in straight]
     assert summary["final_loss"] == straight[-1]["loss"] and summary["steps"] == 20
+
+
+def test_rerun_after_a_kill_between_last_save_and_pruning_prunes_and_summarises(tokens, tmp_path, monkeypatch):
+    cfg = train_cfg(max_steps=15, ckpt_every=5, keep_last_k=2)
+    real_checkpoints = checkpoint.checkpoints
+
+    def killed_when_pruning(ckpt_dir):  # the listing pruning starts with, once step 15 is published
+        found = real_checkpoints(ckpt_dir)
+        if found and found[-1][0] == cfg.max_steps:
+            raise KeyboardInterrupt
+        return found
+
+    monkeypatch.setattr(checkpoint, "checkpoints", killed_when_pruning)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(model_cfg(), cfg, tokens, tmp_path, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-15", "step-5"]
+
+    summary = loop.train(model_cfg(), cfg, tokens, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-15"]
+    last = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert summary["steps"] == last["step"] == 15 and summary["final_loss"] == last["loss"]
+    assert summary["seconds"] >= last["elapsed_s"] > 0  # the run's training time, not this rerun's
+    assert summary["tokens_per_s"] > 0 and summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"])
 
 
 def test_non_finite_loss_names_step_and_last_good_checkpoint(tokens, tmp_path):

@@ -47,7 +47,7 @@ from tokenmill.tokens.pack import pack_documents
 from tokenmill.tokens.tokenizer import load_tokenizer, train_tokenizer
 from tokenmill.train.checkpoint import checkpoints, load_checkpoint
 from tokenmill.train.config import TrainConfig
-from tokenmill.train.loop import resolve_device, uses_bf16
+from tokenmill.train.device import resolve_device, uses_bf16
 from tokenmill.train.loop import train as train_model
 
 

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill import TokenmillError
 
+# A moving average's decay: at 1 or more it never forgets (or grows), and AdamW refuses it only once
+# training starts.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
 
 class WandbConfig(BaseModel):
     """Weights & Biases logging; offline by default, so a run never needs the network."""
@@ -21,9 +25,10 @@ class WandbConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """One training run's settings; the network's shape lives in ``ModelConfig``."""
+    """One training run's settings; the network's shape lives in ``ModelConfig``. No setting may be
+    inf or NaN, which would surface as a NaN loss (or an optimizer error) only once training runs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seq_len: int = Field(1024, gt=0, description="Tokens per training sequence (≤ the model's max_seq_len).")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward on one device.")
@@ -48,7 +53,7 @@ class TrainConfig(BaseModel):
         "linear", description="wsd only: shape of the final decay (1-p, 1-sqrt(p), or half cosine)."
     )
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on ≥2-D weights.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(

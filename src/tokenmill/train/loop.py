@@ -9,12 +9,18 @@ and gradient norm over the steps since the previous line.
 Under ``torchrun`` every rank runs this same function: each reads its rows of the global batch (so
 the run sees exactly the sequences a single process would), FSDP2 shards the model, and rank 0 alone
 writes metrics. Evaluations run on every rank, as sharded forwards need all of them.
+
+A run is built once (``_setup`` returns a ``_Run``: model, optimizer, data, precision, metrics sink);
+``_loop`` then drives ``_train_step`` (whose objective is ``_sequence_losses``), ``_log_train``,
+the evaluations and ``_save`` at their cadence, and ``_summary`` ends it.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +33,18 @@ from tokenmill import TokenmillError
 from tokenmill.model.hf import load_hf_weights
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.tokens.loader import TokenDataset, TokenLoader, eval_windows
-from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from tokenmill.train.config import TrainConfig
+from tokenmill.train.device import peak_flops, peak_memory_gib, resolve_device, uses_bf16
 from tokenmill.train.distributed import Distributed, setup_distributed
 from tokenmill.train.metrics import MetricsSink
 from tokenmill.train.optim import build_adamw
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
 
-# Dense bf16 tensor-core peak per device, matched (first hit) by substring of the CUDA device name.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def uses_bf16(dtype: str, device: torch.device) -> bool:
-    if dtype == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return dtype == "bfloat16"
-
-
-def peak_flops(device: torch.device, bf16: bool) -> float | None:
-    """The device's bf16 peak, or None where MFU would be meaningless (CPU, fp32, unknown GPU)."""
-    if device.type != "cuda" or not bf16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    """Most memory the caching allocator has handed out since the start, or None off CUDA."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
 
 @torch.no_grad()
-def evaluate(
+def validation_loss(
     model: Llama,
     windows: dict[str, tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
@@ -167,24 +146,74 @@ def train(
                              "(bpb_docs, tokenizer_dir); set it to null to train without it")
     job = setup_distributed(resolve_device(cfg.device))
     try:
-        return _train(job, model_cfg, cfg, Path(tokens_dir), Path(out_dir), val_tokens_dir, bpb_docs,
-                      tokenizer_dir, init_model, progress)
+        run = _setup(job, model_cfg, cfg, Path(tokens_dir), Path(out_dir), val_tokens_dir=val_tokens_dir,
+                     bpb_docs=bpb_docs, tokenizer_dir=tokenizer_dir, init_model=init_model)
+        try:
+            return _loop(run, progress)
+        finally:
+            if run.sink is not None:
+                run.sink.close()
     finally:
         job.close()
 
 
-def _train(
+@dataclass
+class _Run:
+    """Everything a run builds once, before its first step, and what the step, the metric lines, the
+    evaluations and the checkpoints read. Another optimizer or objective changes how it is built or
+    what one step does, not the loop around them."""
+
+    job: Distributed
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    ckpt_dir: Path
+    model: Llama
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    accum: int  # micro-batches per optimizer step on this rank
+    bf16: bool
+    interval: _Interval
+    windows: dict[str, tuple[torch.Tensor, torch.Tensor]]  # validation windows per domain; empty: no eval
+    bpb_docs: pa.Table | None
+    tokenizer: Any  # for the in-loop bits per byte; None when it is off
+    flops_per_token: float
+    peak: float | None  # the device's peak FLOP/s, for MFU
+    start_step: int
+    elapsed_s: float  # training time before this process started: the resumed checkpoint's
+    sink: MetricsSink | None  # rank 0 only
+    last_train: dict[str, Any]  # the newest training and validation records, for the summary
+    last_val: dict[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return self.job.device
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def record(self, step: int, **values: Any) -> dict[str, Any]:
+        return {"step": step, "tokens": step * self.cfg.global_batch_tokens, **values}
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.write(record)
+
+
+def _setup(
     job: Distributed,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     tokens_dir: Path,
     out_dir: Path,
+    *,
     val_tokens_dir: Path | None,
     bpb_docs: pa.Table | None,
     tokenizer_dir: Path | None,
     init_model: Llama | None,
-    progress: bool,
-) -> dict[str, Any]:
+) -> _Run:
+    """Build the model (fresh, from ``init_model``/``init_from``, or resumed), its optimizer, the data
+    and the metrics sink; finish the pruning a run killed after its last save left undone."""
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = job.device
@@ -206,25 +235,18 @@ def _train(
             raise TokenmillError(
                 f"{resume_from} holds a different model: use a new out_dir or the same model config"
             )
-    sink = None
-    if job.is_main:
-        run_config = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
-        sink = MetricsSink(out_dir, cfg, state["step"], run_config)
-    history = sink.history if sink else []
-    last_train = next((r for r in reversed(history) if "loss" in r), {})
-    last_val = next((r for r in reversed(history) if "val_loss" in r), {})
+        if job.is_main:
+            prune_checkpoints(ckpt_dir, cfg.keep_last_k)
 
     dataset = TokenDataset(tokens_dir)
     if cfg.doc_mask and dataset.eos_id != model_cfg.eos_id:
         raise TokenmillError(
             f"model eos_id={model_cfg.eos_id} but {tokens_dir} ends documents with {dataset.eos_id}"
         )
-    accum = cfg.grad_accum_steps(job.world_size)
     loader = TokenLoader(dataset, cfg.seq_len, cfg.micro_batch_size, cfg.seed, domain_weights=cfg.domain_weights,
                          rank=job.rank, world_size=job.world_size)
     if resume_from is not None:
         _resume_loader(loader, state["loader"])
-    batches = iter(loader)
     windows = {}
     if val_tokens_dir is not None:
         windows = eval_windows(TokenDataset(val_tokens_dir), cfg.seq_len, cfg.eval_windows_per_domain)
@@ -233,113 +255,160 @@ def _train(
         from tokenmill.tokens.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
-    flops_per_token = model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(device, bf16)
-    interval = _Interval(len(loader.domains), device)
 
-    def train_step(step: int) -> None:
-        """Optimizer step ``step`` (1-based) over ``accum`` micro-batches."""
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_multiplier(cfg, step - 1)
-        total = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y, domain = (t.to(device, non_blocking=True) for t in next(batches))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, token_loss = model(x, y, doc_mask=cfg.doc_mask, reduction="none")
-            seq_loss = token_loss.mean(dim=1)
-            loss = seq_loss.mean()
-            (loss / accum).backward()
-            total += loss.detach()
-            interval.add_sequences(seq_loss, domain)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        if isinstance(grad_norm, DTensor):  # sharded: already the global norm, replicated on every rank
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        interval.steps.append((total / accum, grad_norm))
+    sink = None
+    if job.is_main:
+        run_config = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+        sink = MetricsSink(out_dir, cfg, state["step"], run_config)
+    history = sink.history if sink else []
+    return _Run(
+        job=job, model_cfg=model_cfg, cfg=cfg, ckpt_dir=ckpt_dir, model=model, optimizer=optimizer,
+        loader=loader, batches=iter(loader), accum=cfg.grad_accum_steps(job.world_size), bf16=bf16,
+        interval=_Interval(len(loader.domains), device), windows=windows, bpb_docs=bpb_docs,
+        tokenizer=tokenizer, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device, bf16),
+        start_step=state["step"], elapsed_s=state["elapsed_s"], sink=sink,
+        last_train=next((r for r in reversed(history) if "loss" in r), {}),
+        last_val=next((r for r in reversed(history) if "val_loss" in r), {}),
+    )
 
-    start_step = step = state["step"]
-    t_start = t_mark = time.perf_counter()
-    mark_step = start_step
 
-    def record(step: int, **values: Any) -> dict[str, Any]:
-        return {"step": step, "tokens": step * cfg.global_batch_tokens, **values}
+class _Clock:
+    """Throughput since the last metric line (evaluation and checkpoint time excluded) and training time
+    over the whole run, resumes included."""
 
-    def write(rec: dict[str, Any]) -> None:
-        if sink is not None:
-            sink.write(rec)
+    def __init__(self, step: int, elapsed_before: float):
+        self.start = self.mark = time.perf_counter()
+        self.mark_step = step
+        self.before = elapsed_before
 
-    try:
-        with tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and job.is_main), unit="step",
-                  desc="train") as bar:
-            for step in range(start_step + 1, cfg.max_steps + 1):
-                try:
-                    train_step(step)
-                except torch.cuda.OutOfMemoryError as e:
-                    raise TokenmillError(
-                        f"CUDA out of memory at step {step} with micro_batch_size={cfg.micro_batch_size}, "
-                        f"seq_len={cfg.seq_len}: lower micro_batch_size (gradient accumulation keeps "
-                        f"global_batch_tokens), turn on activation_checkpointing, or lower seq_len"
-                    ) from e
-                bar.update()
-                last = step == cfg.max_steps
-                do_eval = bool(windows) and (step % cfg.eval_every == 0 or last)
-                do_bpb = bool(cfg.bpb_every) and (step % cfg.bpb_every == 0 or last)
-                do_ckpt = step % cfg.ckpt_every == 0 or last
-                if not (step % cfg.log_every == 0 or do_eval or do_bpb or do_ckpt):
-                    continue
+    def lap(self, step: int, tokens_per_step: int) -> tuple[float, float]:
+        """(tokens per second since the mark, elapsed seconds), both as of now."""
+        now = time.perf_counter()
+        return (step - self.mark_step) * tokens_per_step / (now - self.mark), self.before + now - self.start
 
-                losses, norms, domain_loss, domain_seqs = interval.read(job)
-                for i, (loss, norm) in enumerate(zip(losses, norms)):
-                    if not (math.isfinite(loss) and math.isfinite(norm)):
-                        raise TokenmillError(
-                            f"loss {loss}, gradient norm {norm} at step {step - len(losses) + 1 + i}; last good "
-                            f"checkpoint: {latest_checkpoint(ckpt_dir) or 'none saved yet'}. Lower lr or raise "
-                            f"warmup_steps, then resume or restart."
-                        )
-                now = time.perf_counter()
-                tokens_per_s = (step - mark_step) * cfg.global_batch_tokens / (now - t_mark)
-                per_domain = {f"loss/{d}": (domain_loss[i] / domain_seqs[i]).item()
-                              for i, d in enumerate(loader.domains) if domain_seqs[i] > 0}
-                last_train = record(
-                    step,
-                    loss=sum(losses) / len(losses),
-                    lr=optimizer.param_groups[0]["lr"],
-                    grad_norm=sum(norms) / len(norms),
-                    tokens_per_s=tokens_per_s,
-                    mfu=flops_per_token * tokens_per_s / peak if peak else None,
-                    peak_memory_gib=peak_memory_gib(device),
-                    elapsed_s=state["elapsed_s"] + now - t_start,
-                    **per_domain,
-                )
-                write(last_train)
-                bar.set_postfix(loss=f"{last_train['loss']:.3f}", lr=f"{last_train['lr']:.2e}")
-                if do_eval:
-                    last_val = record(step, **evaluate(model, windows, cfg, device, bf16))
-                    write(last_val)
-                if do_bpb:
-                    write(record(step, **_bits_per_byte(model, tokenizer, bpb_docs, cfg, device, bf16)))
-                if do_ckpt:
-                    ckpt_state = {
-                        "model_config": model_cfg.model_dump(mode="json"),
-                        "train_config": cfg.model_dump(mode="json"),
-                        "loader": loader.state_dict(),
-                        "elapsed_s": state["elapsed_s"] + time.perf_counter() - t_start,
-                    }
-                    save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_state, cfg.keep_last_k)
-                t_mark, mark_step = time.perf_counter(), step  # eval and checkpoint time is not throughput
-    finally:
-        if sink is not None:
-            sink.close()
+    def elapsed_s(self) -> float:
+        return self.before + time.perf_counter() - self.start
 
-    seconds = time.perf_counter() - t_start
+    def restart(self, step: int) -> None:
+        self.mark, self.mark_step = time.perf_counter(), step
+
+
+def _loop(run: _Run, progress: bool) -> dict[str, Any]:
+    """Steps from the resumed one to ``max_steps``, with metric lines, evaluations and checkpoints at
+    their cadence; returns the summary."""
+    cfg = run.cfg
+    step = run.start_step
+    clock = _Clock(step, run.elapsed_s)
+    with tqdm(total=cfg.max_steps, initial=step, disable=not (progress and run.job.is_main), unit="step",
+              desc="train") as bar:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            try:
+                _train_step(run, step)
+            except torch.cuda.OutOfMemoryError as e:
+                raise TokenmillError(
+                    f"CUDA out of memory at step {step} with micro_batch_size={cfg.micro_batch_size}, "
+                    f"seq_len={cfg.seq_len}: lower micro_batch_size (gradient accumulation keeps "
+                    f"global_batch_tokens), turn on activation_checkpointing, or lower seq_len"
+                ) from e
+            bar.update()
+            last = step == cfg.max_steps
+            do_eval = bool(run.windows) and (step % cfg.eval_every == 0 or last)
+            do_bpb = bool(cfg.bpb_every) and (step % cfg.bpb_every == 0 or last)
+            do_ckpt = step % cfg.ckpt_every == 0 or last
+            if not (step % cfg.log_every == 0 or do_eval or do_bpb or do_ckpt):
+                continue
+            _log_train(run, step, clock)
+            bar.set_postfix(loss=f"{run.last_train['loss']:.3f}", lr=f"{run.last_train['lr']:.2e}")
+            if do_eval:
+                run.last_val = run.record(step, **validation_loss(run.model, run.windows, cfg, run.device, run.bf16))
+                run.write(run.last_val)
+            if do_bpb:
+                run.write(run.record(step, **_bits_per_byte(run.model, run.tokenizer, run.bpb_docs, cfg,
+                                                            run.device, run.bf16)))
+            if do_ckpt:
+                _save(run, step, clock.elapsed_s())
+            clock.restart(step)  # eval and checkpoint time is not throughput
+    return _summary(run, step, clock.elapsed_s())
+
+
+def _summary(run: _Run, step: int, seconds: float) -> dict[str, Any]:
+    """``seconds`` is the whole run's training time, resumes included, so a rerun that found nothing
+    left to train (killed after its last checkpoint) still reports the run's true throughput."""
+    tokens = step * run.cfg.global_batch_tokens
     return {
         "steps": step,
-        "tokens": step * cfg.global_batch_tokens,
-        "final_loss": last_train.get("loss"),
-        "final_val_loss": last_val.get("val_loss"),
+        "tokens": tokens,
+        "final_loss": run.last_train.get("loss"),
+        "final_val_loss": run.last_val.get("val_loss"),
         "seconds": seconds,
-        "tokens_per_s": (step - start_step) * cfg.global_batch_tokens / seconds,
-        "params": model.num_params(),
-        "world_size": job.world_size,
+        "tokens_per_s": tokens / seconds,
+        "params": run.model.num_params(),
+        "world_size": run.job.world_size,
     }
+
+
+def _train_step(run: _Run, step: int) -> None:
+    """Optimizer step ``step`` (1-based) over ``run.accum`` micro-batches; its loss and gradient norm
+    stay on the device, in ``run.interval``."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_multiplier(cfg, step - 1)
+    total = torch.zeros((), device=run.device)
+    for _ in range(run.accum):
+        x, y, domain = (t.to(run.device, non_blocking=True) for t in next(run.batches))
+        seq_loss = _sequence_losses(run, x, y)
+        loss = seq_loss.mean()
+        (loss / run.accum).backward()
+        total += loss.detach()
+        run.interval.add_sequences(seq_loss, domain)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    if isinstance(grad_norm, DTensor):  # sharded: already the global norm, replicated on every rank
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.interval.steps.append((total / run.accum, grad_norm))
+
+
+def _sequence_losses(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The objective, per sequence: mean next-token loss."""
+    with run.autocast():
+        _, token_loss = run.model(x, y, doc_mask=run.cfg.doc_mask, reduction="none")
+    return token_loss.mean(dim=1)
+
+
+def _log_train(run: _Run, step: int, clock: _Clock) -> None:
+    """Read the interval back from the device (reduced over ranks), refuse a non-finite step, and write
+    the metric line."""
+    losses, norms, domain_loss, domain_seqs = run.interval.read(run.job)
+    for i, (loss, norm) in enumerate(zip(losses, norms)):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TokenmillError(
+                f"loss {loss}, gradient norm {norm} at step {step - len(losses) + 1 + i}; last good "
+                f"checkpoint: {latest_checkpoint(run.ckpt_dir) or 'none saved yet'}. Lower lr or raise "
+                f"warmup_steps, then resume or restart."
+            )
+    tokens_per_s, elapsed_s = clock.lap(step, run.cfg.global_batch_tokens)  # after the read: the GPU is done
+    per_domain = {f"loss/{d}": (domain_loss[i] / domain_seqs[i]).item()
+                  for i, d in enumerate(run.loader.domains) if domain_seqs[i] > 0}
+    run.last_train = run.record(
+        step,
+        loss=sum(losses) / len(losses),
+        lr=run.optimizer.param_groups[0]["lr"],
+        grad_norm=sum(norms) / len(norms),
+        tokens_per_s=tokens_per_s,
+        mfu=run.flops_per_token * tokens_per_s / run.peak if run.peak else None,
+        peak_memory_gib=peak_memory_gib(run.device),
+        elapsed_s=elapsed_s,
+        **per_domain,
+    )
+    run.write(run.last_train)
+
+
+def _save(run: _Run, step: int, elapsed_s: float) -> None:
+    state = {
+        "model_config": run.model_cfg.model_dump(mode="json"),
+        "train_config": run.cfg.model_dump(mode="json"),
+        "loader": run.loader.state_dict(),
+        "elapsed_s": elapsed_s,
+    }
+    save_checkpoint(run.ckpt_dir, step, run.model, run.optimizer, state, run.cfg.keep_last_k)
