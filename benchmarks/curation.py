@@ -13,7 +13,9 @@ datatrove lives in its own virtualenv, so this file runs twice: as the benchmark
 interpreter) and, with ``--datatrove-child``, as the datatrove half in the venv's interpreter. That
 is why each half imports its library inside its own function. Setup (once, a few minutes)::
 
-    python -m venv /tmp/dt-venv && /tmp/dt-venv/bin/pip install 'datatrove[processing]' spacy
+    python -m venv /tmp/dt-venv && /tmp/dt-venv/bin/pip install 'datatrove[processing]' spacy orjson
+
+(datatrove's JsonlReader refuses to start without orjson, which its extras do not pull in.)
 
 datatrove 0.10 tokenises English words with a blank spaCy pipeline (rules only, nothing downloaded),
 so the run is offline without patching anything. Corpus: ``bash ../shared/corpora/build_corpus.sh``
@@ -66,23 +68,25 @@ def run_tokenmill(corpus: Path, work: Path, workers: int) -> dict:
     from tokenmill.documents.readers import SourceConfig
     from tokenmill.documents.shards import list_shards, read_shard
     from tokenmill.executors.local import LocalExecutor
+    from tokenmill.runfolder import RunFolder
 
     t0 = time.perf_counter()
-    read = ingest([SourceConfig(path=str(corpus / "*.jsonl"))], work / "read", work / "heldout.parquet",
+    folder = RunFolder(work)
+    read = ingest([SourceConfig(path=str(corpus / "*.jsonl"))], folder.read.root, folder.heldout,
                   HeldoutConfig(fraction=0.0), progress=False)
     read_seconds = time.perf_counter() - t0
     steps = [Normalize(), GopherQuality(), GopherRepetition(), ExactDedup(),
              MinHashDedup(ngram=NGRAM, bands=BANDS, rows=ROWS, num_perm=BANDS * ROWS)]
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     with LocalExecutor(workers, progress=False) as executor:
-        last, stats = run_pipeline(steps, work / "read", work / "curate", executor, keep_rejected=False)
+        last, stats = run_pipeline(steps, folder.read.documents, folder, executor, keep_rejected=False)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-    kept = [i for shard in list_shards(last) for i in read_shard(shard).column("id").to_pylist()]
-    return {"docs": read["kept_docs"], "read_seconds": read_seconds, "seconds": seconds, "cpu_seconds": cpu,
+    kept = [i for shard in list_shards(last.documents) for i in read_shard(shard).column("id").to_pylist()]
+    return {"docs": read.kept_docs, "read_seconds": read_seconds, "seconds": seconds, "cpu_seconds": cpu,
             "kept_ids": kept,
-            "removed": {s["step"]: {"docs": s["removed_docs"], **({"reasons": s["removed"]} if s["removed"] else {})}
+            "removed": {s.step: {"docs": s.removed_docs, **({"reasons": s.removed} if s.removed else {})}
                         for s in stats},
-            "read_removed": read["removed"]}
+            "read_removed": read.removed}
 
 
 def run_datatrove(corpus: Path, work: Path, workers: int) -> dict:
@@ -171,9 +175,12 @@ def main() -> None:
         ours = run_tokenmill(CORPUS, work / "tokenmill", args.workers)
         (work / "datatrove").mkdir()
         cpu0 = cpu_seconds()
-        subprocess.run([args.datatrove_python, __file__, "--workers", str(args.workers),
-                        "--datatrove-child", str(work / "datatrove")],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = subprocess.run([args.datatrove_python, __file__, "--workers", str(args.workers),
+                                "--datatrove-child", str(work / "datatrove")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if child.returncode:  # its traceback (a missing package, say) is the only clue to what went wrong
+            raise SystemExit(f"the datatrove half ({args.datatrove_python}) failed with exit status "
+                             f"{child.returncode}; the end of its stderr:\n{child.stderr[-4000:]}")
         theirs = json.loads((work / "datatrove" / "result.json").read_text())
         theirs["cpu_seconds"] = cpu_seconds() - cpu0  # includes the interpreter's start and imports
     finally:

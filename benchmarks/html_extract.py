@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenmill.documents.html import extract_main_text
+from tokenmill.documents.html_text import extract_main_text
 
 CORPUS = Path(os.environ.get("TOKENMILL_CORPUS", "/tmp/tokenmill-corpus/out"))
 EXTRACTORS = ("resiliparse", "trafilatura")

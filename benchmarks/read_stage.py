@@ -35,7 +35,7 @@ from tokenmill.documents.readers import SourceConfig
 out = Path(sys.argv[2])
 summary = ingest([SourceConfig(path=sys.argv[1])], out / "read", out / "heldout.parquet", HeldoutConfig(),
                  progress=False)
-docs = summary["kept_docs"] + summary["counters"]["heldout_docs"]
+docs = summary.kept_docs + summary.counters["heldout_docs"]
 """,
     "json_loop": """
 docs = 0

@@ -16,7 +16,8 @@ import yaml
 
 from tokenmill import TokenmillError
 from tokenmill.cli import main
-from tokenmill.evaluate.compare import compare_runs, write_select_cost
+from tokenmill.evaluate.compare import compare_runs
+from tokenmill.runfolder import RunFolder
 
 DOMAINS = {"bible": {"docs": 6, "tokens": 3_000, "bytes": 12_000},
            "code": {"docs": 4, "tokens": 5_000, "bytes": 10_000}}
@@ -34,6 +35,7 @@ def fake_run(root: Path, *, evals: list[int], curve=loss_curve(1.0), dim: int = 
               "model": {"dim": dim, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
               "train": {"seq_len": 64, "micro_batch_size": 4, "global_batch_tokens": 256}}
     (root / "train").mkdir(parents=True)
+    RunFolder(root).stamp()
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     records = [{"step": t // 256, "tokens": t, "loss": curve(t, "bible") + 0.1} for t in range(256, evals[-1] + 1, 256)]
     for t in evals:
@@ -92,7 +94,7 @@ def test_bits_per_byte_curves_come_from_heldout_tokens_per_byte(tmp_path):
 def test_equal_compute_charges_model_flops_and_selection_cost(tmp_path):
     small = fake_run(tmp_path / "small", evals=[1024, 2048, 4096], dim=32)
     big = fake_run(tmp_path / "big", evals=[1024, 2048, 4096], dim=64)
-    write_select_cost(big, flops=2e8, seconds=3.5)
+    RunFolder(big).write_select_cost(flops=2e8, seconds=3.5)
     result = compare_runs([small, big])
     runs = {r["name"]: r for r in result["runs"]}
     for r in runs.values():  # 6·N plus attention 12·L·dim·T (n_layers 2, seq_len 64)

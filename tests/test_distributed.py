@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from tokenmill.recipe import dump_recipe, parse_recipe
+from tokenmill.runfolder import RunFolder
 from tokenmill.tokens.pack import pack_documents
 from tokenmill.tokens.tokenizer import train_tokenizer
 from tokenmill.train import loop
@@ -54,6 +55,7 @@ def packed_run(tmp_path_factory) -> Path:
     recipe = parse_recipe({"name": "dist", "sources": [{"path": str(run / "docs.parquet")}],
                            "model": {"preset": "tiny", "max_seq_len": SEQ}, "train": TRAIN})
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    RunFolder(run).stamp()
     return run
 
 

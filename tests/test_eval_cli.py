@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tokenmill.cli import main
-from tokenmill.evaluate.run_eval import auto_membership_texts
+from tokenmill.evaluate.model_evals import auto_membership_texts
 
 from conftest import DEMO_DATA
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from tokenmill.curate.base import FilterStep, Step, StepParams, StepResult
 from tokenmill.curate.pipeline import run_pipeline
+from tokenmill.runfolder import RunFolder
 from tokenmill.documents.schema import make_table
 from tokenmill.documents.shards import list_shards, write_parquet_atomic
 from tokenmill.executors import LocalExecutor
@@ -19,8 +20,6 @@ from tokenmill.executors import LocalExecutor
 
 class DropOdd(FilterStep):
     """Removes documents whose number is odd (ids look like doc-N)."""
-
-    name = "drop_odd"
 
     class Params(StepParams):
         step: Literal["drop_odd"] = "drop_odd"
@@ -32,8 +31,6 @@ class DropOdd(FilterStep):
 
 class KeepFirstOfEachText(Step):
     """A whole-corpus step: remembers the first id of each text during fit."""
-
-    name = "first_text"
 
     class Params(StepParams):
         step: Literal["first_text"] = "first_text"
@@ -65,12 +62,12 @@ def _write_input(root, n_shards=3, per_shard=10):
 def test_pipeline_counts_and_keeps_rejects(tmp_path):
     src = _write_input(tmp_path)
     with LocalExecutor(workers=2, progress=False) as ex:
-        last, stats = run_pipeline([DropOdd(), KeepFirstOfEachText()], src, tmp_path / "curate", ex)
+        last, stats = run_pipeline([DropOdd(), KeepFirstOfEachText()], src, RunFolder(tmp_path), ex)
     assert last.name == "02-first_text"
-    assert stats[0]["input_docs"] == 30 and stats[0]["removed"] == {"odd": 15}
-    assert stats[1]["input_docs"] == 15 and stats[1]["kept_docs"] == 7  # 7 distinct texts survive
-    assert stats[1]["removed"] == {"repeat": 8}
-    kept = pa.concat_tables(pq.read_table(p) for p in list_shards(last))
+    assert stats[0].input_docs == 30 and stats[0].removed == {"odd": 15}
+    assert stats[1].input_docs == 15 and stats[1].kept_docs == 7  # 7 distinct texts survive
+    assert stats[1].removed == {"repeat": 8}
+    kept = pa.concat_tables(pq.read_table(p) for p in list_shards(last.documents))
     texts = kept.column("text").to_pylist()
     assert len(set(texts)) == len(texts) == 7
     rejected = pa.concat_tables(pq.read_table(p) for p in list_shards(tmp_path / "curate" / "01-drop_odd" / "rejected"))
@@ -78,24 +75,24 @@ def test_pipeline_counts_and_keeps_rejects(tmp_path):
     assert set(rejected.column("step").to_pylist()) == {"drop_odd"}
     # nothing silently lost: input = kept + removed at every step
     for s in stats:
-        assert s["input_docs"] == s["kept_docs"] + s["removed_docs"]
-        assert s["input_bytes"] >= s["kept_bytes"]
+        assert s.input_docs == s.kept_docs + s.removed_docs
+        assert s.input_bytes >= s.kept_bytes
 
 
 def test_pipeline_resumes_unfinished_step_per_shard(tmp_path):
     src = _write_input(tmp_path)
-    root = tmp_path / "curate"
+    root = RunFolder(tmp_path)
     with LocalExecutor(workers=1, progress=False) as ex:
         run_pipeline([DropOdd()], src, root, ex)
-    step_dir = root / "01-drop_odd"
+    step_dir = tmp_path / "curate" / "01-drop_odd"
     # Simulate a kill after shard 0 was written: remove the step total and the other shards' outputs.
     (step_dir / "stats.json").unlink()
     for s in (1, 2):
-        (step_dir / f"shard-{s:05d}.stats.json").unlink()
-        (step_dir / f"shard-{s:05d}.parquet").unlink()
-    mtime0 = (step_dir / "shard-00000.parquet").stat().st_mtime_ns
+        (step_dir / "shards" / f"shard-{s:05d}.json").unlink()
+        (step_dir / "documents" / f"shard-{s:05d}.parquet").unlink()
+    mtime0 = (step_dir / "documents" / "shard-00000.parquet").stat().st_mtime_ns
     with LocalExecutor(workers=1, progress=False) as ex:
         _, stats = run_pipeline([DropOdd()], src, root, ex)
-    assert (step_dir / "shard-00000.parquet").stat().st_mtime_ns == mtime0  # not redone
-    assert stats[0]["kept_docs"] == 15 and stats[0]["shards"] == 3
+    assert (step_dir / "documents" / "shard-00000.parquet").stat().st_mtime_ns == mtime0  # not redone
+    assert stats[0].kept_docs == 15 and stats[0].shards == 3
     assert json.loads((step_dir / "stats.json").read_text())["removed"] == {"odd": 15}

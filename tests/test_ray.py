@@ -17,14 +17,13 @@ from tokenmill.curate.pipeline import run_pipeline
 from tokenmill.documents.shards import list_shards
 from tokenmill.executors import LocalExecutor
 from tokenmill.executors.ray import RayExecutor
+from tokenmill.runfolder import RunFolder
 
 from test_pipeline import DropOdd, KeepFirstOfEachText, _write_input
 
 
 class FailOnShard(FilterStep):
     """Raises a user error on one shard, as a step does on bad data."""
-
-    name = "fail_on_shard"
 
     class Params(StepParams):
         step: Literal["fail_on_shard"] = "fail_on_shard"
@@ -41,7 +40,7 @@ def _documents(folder):
 
 
 def _without_seconds(stats):
-    return [{k: v for k, v in s.items() if k not in ("seconds", "wall_seconds")} for s in stats]
+    return [s.model_dump(exclude={"seconds", "wall_seconds"}) for s in stats]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +53,15 @@ def test_ray_matches_local_document_for_document(tmp_path, ray_executor):
     src = _write_input(tmp_path, n_shards=6, per_shard=40)
     steps = [DropOdd(), KeepFirstOfEachText()]
     with LocalExecutor(workers=2, progress=False) as local:
-        local_last, local_stats = run_pipeline(steps, src, tmp_path / "local", local)
-    ray_last, ray_stats = run_pipeline(steps, src, tmp_path / "ray", ray_executor)
-    local_docs = _documents(local_last)
+        local_last, local_stats = run_pipeline(steps, src, RunFolder(tmp_path / "local"), local)
+    ray_last, ray_stats = run_pipeline(steps, src, RunFolder(tmp_path / "ray"), ray_executor)
+    local_docs = _documents(local_last.documents)
     assert 0 < len(local_docs) < 240  # both steps removed something, so the comparison means something
-    assert _documents(ray_last) == local_docs
+    assert _documents(ray_last.documents) == local_docs
     assert _without_seconds(ray_stats) == _without_seconds(local_stats)
     for step in ("01-drop_odd", "02-first_text"):
-        assert _documents(tmp_path / "ray" / step / "rejected") == _documents(tmp_path / "local" / step / "rejected")
+        assert (_documents(tmp_path / "ray" / "curate" / step / "rejected")
+                == _documents(tmp_path / "local" / "curate" / step / "rejected"))
 
 
 def _square(x: int) -> int:
@@ -76,7 +76,7 @@ def test_ray_map_keeps_input_order_past_the_window(ray_executor):
 def test_ray_raises_the_steps_own_error(tmp_path, ray_executor):
     src = _write_input(tmp_path, n_shards=6, per_shard=40)
     with pytest.raises(TokenmillError, match="bad document doc-63"):
-        run_pipeline([FailOnShard()], src, tmp_path / "ray", ray_executor)
+        run_pipeline([FailOnShard()], src, RunFolder(tmp_path / "ray"), ray_executor)
 
 
 def test_ray_rejects_num_cpus_with_an_address():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tokenmill import TokenmillError
-from tokenmill.report.html import write_report
+from tokenmill.report.run_report import write_report
+from tokenmill.runfolder import RunFolder
 
 RECIPE = "name: demo\nnotes: '<script>alert(1)</script>'\n"
 
@@ -33,6 +34,7 @@ BPB = {
 
 
 def make_run(root: Path) -> Path:
+    RunFolder(root).stamp()
     (root / "recipe.yaml").write_text(RECIPE)
     (root / "timings.json").write_text(json.dumps({"curate": 6.75, "tokenize": 2.5, "train": 40.0}))
     for stats, folder in [(READ, "read"), (STEPS[0], "01-gopher"), (STEPS[1], "02-minhash")]:
@@ -85,13 +87,14 @@ def test_report_is_self_contained_and_escaped(tmp_path):
 
 
 def test_recipe_only_run_renders_with_sections_not_run(tmp_path):
+    RunFolder(tmp_path).stamp()
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     page = write_report(tmp_path).read_text(encoding="utf-8")
     for missing in ("timings.json", "curate/*/stats.json", "tokens/train/meta.json", "train/metrics.jsonl",
                     "eval/bpb.json", "model/"):
         assert f"Not run: {missing}" in page
     assert "data:image/png" not in page
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "report.html"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "report.html", "tokenmill.json"]  # no temp file left
 
 
 def test_missing_recipe_and_bad_json_are_clear_errors(tmp_path):

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from tokenmill.evaluate.compare import compare_runs
-from tokenmill.report.compare_html import write_compare
-from tokenmill.report.html import write_report
+from tokenmill.report.compare_report import write_compare
+from tokenmill.report.run_report import write_report
 
 from test_compare import fake_run, loss_curve
 

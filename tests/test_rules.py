@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import STEPS, StepResult
+from tokenmill.curate.base import StepResult
+from tokenmill.steps import STEPS
 from tokenmill.curate import c4
 from tokenmill.curate.c4 import C4
 from tokenmill.curate.fineweb import FineWebQuality

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from tokenmill.cli import main
+from tokenmill.runfolder import RunFolder
 
 from conftest import DEMO_DATA
 
@@ -176,7 +177,6 @@ def test_until_stops_after_a_stage_and_rejects_unknown_ones(tmp_path, capsys):
 
 
 def test_model_based_selection_records_its_cost_for_compare(tmp_path):
-    from tokenmill.evaluate.compare import read_select_cost
     from tokenmill.recipe import parse_recipe
     from tokenmill.run import Runner
 
@@ -190,7 +190,7 @@ def test_model_based_selection_records_its_cost_for_compare(tmp_path):
     runner = Runner(parse_recipe(recipe), tmp_path / "run", progress=False)
     runner.run(until="curate")
     stats = json.loads((tmp_path / "run" / "curate" / "01-color_filter" / "stats.json").read_text())
-    cost = read_select_cost(tmp_path / "run")
+    cost = RunFolder(tmp_path / "run").read_select_cost()
     assert cost is not None and cost.flops == stats["counters"]["proxy_flops"] > 0 and cost.seconds > 0
 
 

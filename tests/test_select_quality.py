@@ -44,7 +44,6 @@ class LengthParams(ScoreParams):
 class LengthScore(ScoreStep):
     """Score = characters; counts its score calls."""
 
-    name = "length_score"
     Params = LengthParams
     calls: ClassVar[int] = 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,31 +106,33 @@ def _positive_int(text: str) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from tokenmill.evaluate import run_eval
-    from tokenmill.report.html import write_report
+    from tokenmill.evaluate import model_evals as evals
+    from tokenmill.report.run_report import write_report
+    from tokenmill.runfolder import RunFolder
 
     if args.harness is None and not (args.membership or args.membership_auto or args.bpb):
         raise TokenmillError("eval: nothing to evaluate; pass --harness, --membership, --membership-auto or --bpb")
-    run_eval.model_dir(args.run)
-    if args.bpb:
-        print(run_eval.bpb_table(run_eval.eval_bpb(args.run)))
-    if args.harness is not None:
-        tasks = [t for t in args.harness.split(",") if t] or None
-        print(run_eval.harness_table(run_eval.eval_harness(args.run, tasks, task_dir=args.task_dir,
-                                                           backend=args.backend, limit=args.limit)))
-    if args.membership or args.membership_auto:
-        if args.membership:
-            members, nonmembers = (run_eval.read_texts(f, args.text_field) for f in args.membership)
-            source = {"members": str(args.membership[0]), "nonmembers": str(args.membership[1])}
-        else:
-            members, nonmembers, source = run_eval.auto_membership_texts(args.run, args.membership_auto)
-        print(run_eval.membership_table(run_eval.eval_membership(args.run, members, nonmembers, source)))
-    print(write_report(args.run))
+    evals.model_dir(args.run)
+    with RunFolder(args.run).lock():
+        if args.bpb:
+            print(evals.bpb_table(evals.eval_bpb(args.run)))
+        if args.harness is not None:
+            tasks = [t for t in args.harness.split(",") if t] or None
+            print(evals.harness_table(evals.eval_harness(args.run, tasks, task_dir=args.task_dir,
+                                                         backend=args.backend, limit=args.limit)))
+        if args.membership or args.membership_auto:
+            if args.membership:
+                members, nonmembers = (evals.read_texts(f, args.text_field) for f in args.membership)
+                source = {"members": str(args.membership[0]), "nonmembers": str(args.membership[1])}
+            else:
+                members, nonmembers, source = evals.auto_membership_texts(args.run, args.membership_auto)
+            print(evals.membership_table(evals.eval_membership(args.run, members, nonmembers, source)))
+        print(write_report(args.run))
 
 
 def _compare(args: argparse.Namespace) -> None:
     from tokenmill.evaluate.compare import compare_runs, summary_table
-    from tokenmill.report.compare_html import write_compare
+    from tokenmill.report.compare_report import write_compare
 
     result = compare_runs(args.runs, fit=args.fit, n_bootstrap=args.bootstrap)
     for warning in result["warnings"]:
@@ -156,11 +160,12 @@ def _train(args: argparse.Namespace) -> int:
         return subprocess.run(cmd).returncode
     from tokenmill.recipe import load_recipe
     from tokenmill.run import Runner
+    from tokenmill.runfolder import RunFolder
 
-    if not (args.run / "recipe.yaml").is_file():
-        raise TokenmillError(f"{args.run} is not a run folder (no recipe.yaml): make it with "
-                             f"`tokenmill run RECIPE --out {args.run}`")
-    Runner(load_recipe(args.run / "recipe.yaml"), args.run, progress=not args.no_progress).train()
+    folder = RunFolder(args.run).require()
+    # Under torchrun every rank runs this; rank 0 holds the folder for all of them.
+    with folder.lock() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        Runner(load_recipe(folder.recipe), args.run, progress=not args.no_progress).train()
     return 0
 
 
@@ -171,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
 
         if args.command == "report":
-            from tokenmill.report.html import write_report
+            from tokenmill.report.run_report import write_report
 
-            if not (args.run / "recipe.yaml").exists():
-                raise TokenmillError(f"{args.run} is not a run folder (no recipe.yaml)")
             print(write_report(args.run))
             return 0
 
@@ -209,10 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = run_recipe(recipe, args.out, progress=not args.no_progress, overwrite=args.overwrite,
                          until=args.until)
-        print(f"[tokenmill] done in {time.perf_counter() - t0:.1f}s: {out}/report.html")
+        seconds = time.perf_counter() - t0
+        if args.until and args.until != "report":
+            print(f"[tokenmill] stopped after {args.until} in {seconds:.1f}s: {out} (no report yet; rerun "
+                  f"without --until to finish)")
+        else:
+            print(f"[tokenmill] done in {seconds:.1f}s: {out}/report.html")
         return 0
     except TokenmillError as err:
         print(f"tokenmill: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        print(f"tokenmill: error: {where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ntokenmill: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -13,12 +13,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-import tokenmill.select  # noqa: F401  (registers the selection steps)
 from tokenmill import TokenmillError
-from tokenmill.curate import STEPS
 from tokenmill.documents.ingest import HeldoutConfig
 from tokenmill.documents.readers import SourceConfig
 from tokenmill.model.llama import ModelConfig
+from tokenmill.steps import STEPS
 from tokenmill.tokens.tokenizer import TokenizerConfig
 from tokenmill.train.config import TrainConfig
 
@@ -69,6 +68,14 @@ class Recipe(_Strict):
             self.tokenizer.path = self.model.init_from
         return self
 
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> "Recipe":
+        """Training windows longer than the positions the model covers would fail only after packing."""
+        if not self.model.init_from and self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len="
+                             f"{self.model.max_seq_len}: lower seq_len or raise max_seq_len")
+        return self
+
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     """Set ``a.b.0.c`` in nested dicts/lists, creating dicts on the way."""
@@ -98,7 +105,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise TokenmillError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=200")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise TokenmillError(f"--set {item!r}: the value is not valid YAML ({err.problem or err}); quote "
+                                 f"it or fix the brackets, e.g. --set 'train.betas=[0.9, 0.95]'") from None
+        _set_path(data, key.strip(), value)
     return data
 
 

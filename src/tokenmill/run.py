@@ -7,7 +7,6 @@ shard, training from the last checkpoint. ``timings.json`` records each stage's 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,32 +16,14 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from tokenmill import TokenmillError
-from tokenmill.curate import STEPS
 from tokenmill.curate.pipeline import run_pipeline
 from tokenmill.documents.ingest import ingest
-from tokenmill.documents.shards import list_shards, write_json_atomic, write_parquet_atomic
+from tokenmill.documents.shards import list_shards, write_parquet_atomic
 from tokenmill.executors import LocalExecutor
+from tokenmill.files import write_json_atomic
 from tokenmill.recipe import Recipe, dump_recipe
-
-
-class RunFolder:
-    """Paths of the run-folder layout (DESIGN.md), in one place."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.recipe = self.root / "recipe.yaml"
-        self.timings = self.root / "timings.json"
-        self.curate = self.root / "curate"
-        self.read = self.curate / "read"
-        self.heldout = self.root / "heldout" / "documents.parquet"
-        self.tokens = self.root / "tokens"
-        self.tokenizer = self.tokens / "tokenizer"
-        self.train_tokens = self.tokens / "train"
-        self.heldout_tokens = self.tokens / "heldout"
-        self.train = self.root / "train"
-        self.model = self.root / "model"
-        self.eval = self.root / "eval"
-        self.report = self.root / "report.html"
+from tokenmill.runfolder import RunFolder
+from tokenmill.steps import STEPS
 
 
 def _check_same_recipe(folder: RunFolder, text: str) -> None:
@@ -57,17 +38,26 @@ class Runner:
         self.recipe = recipe
         self.folder = RunFolder(out)
         self.progress = progress
-        text = dump_recipe(recipe)
-        if overwrite and self.folder.root.exists():
-            shutil.rmtree(self.folder.root)
-        _check_same_recipe(self.folder, text)
-        self.folder.root.mkdir(parents=True, exist_ok=True)
-        if not self.folder.recipe.exists():  # under torchrun every rank gets here: write once, atomically
-            tmp = self.folder.recipe.with_name(f"recipe.yaml.{os.getpid()}.tmp")
+        self.overwrite = overwrite
+
+    def _open(self) -> None:
+        """Claim the folder: create it (or empty it with ``--overwrite``) and write the recipe, which must
+        be the one a resumed run was started with. Called with the folder's lock held."""
+        f, text = self.folder, dump_recipe(self.recipe)
+        if self.overwrite and f.root.is_dir():
+            for child in f.root.iterdir():
+                if child != f.lock_file:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _check_same_recipe(f, text)
+        if f.recipe.exists():
+            f.require()
+        else:
+            f.stamp()
+        if not f.recipe.exists():  # under torchrun every rank gets here: write once, atomically
+            tmp = f.recipe.with_name(f"recipe.yaml.{os.getpid()}.tmp")
             tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.folder.recipe)
-        self.timings: dict[str, float] = (json.loads(self.folder.timings.read_text())
-                                          if self.folder.timings.exists() else {})
+            os.replace(tmp, f.recipe)
+        self.timings: dict[str, float] = f.read_timings()
 
     def _stage(self, name: str, done: Callable[[], bool], fn: Callable[[], None]) -> None:
         if done():
@@ -82,25 +72,22 @@ class Runner:
     # ---- stages ------------------------------------------------------------------------------
     def read(self) -> None:
         r, f = self.recipe, self.folder
-        ingest(r.sources, f.read, f.heldout, r.heldout, shard_docs=r.curate.shard_docs,
+        ingest(r.sources, f.read.root, f.heldout, r.heldout, shard_docs=r.curate.shard_docs,
                shard_bytes=r.curate.shard_bytes, keep_rejected=r.curate.keep_rejected, progress=self.progress)
 
     def curate(self) -> None:
         r, f = self.recipe, self.folder
         steps = [STEPS[cfg.step](cfg) for cfg in r.curate.steps]
         with make_executor(r.curate, self.progress) as ex:
-            last, stats = run_pipeline(steps, f.read, f.curate, ex, keep_rejected=r.curate.keep_rejected)
-        flops = sum(s["counters"].get("proxy_flops", 0) for s in stats)
-        if flops:  # model-based selection ran: record its compute so comparisons can charge it
-            from tokenmill.evaluate.compare import write_select_cost
-
-            write_select_cost(f.root, flops, sum(s.get("wall_seconds", s["seconds"]) for s in stats
-                                                 if s["counters"].get("proxy_flops")))
-        write_json_atomic({"documents": str(last.relative_to(f.root))}, f.curate / "final.json")
+            last, stats = run_pipeline(steps, f.read.documents, f, ex, keep_rejected=r.curate.keep_rejected)
+        selecting = [s for s in stats if s.counters.get("proxy_flops")]
+        if selecting:  # model-based selection ran: record its compute so comparisons can charge it
+            f.write_select_cost(sum(s.counters["proxy_flops"] for s in selecting),
+                                sum(s.wall_seconds or s.seconds for s in selecting))
+        f.write_final(last)
 
     def curated_shards(self) -> list[Path]:
-        final = json.loads((self.folder.curate / "final.json").read_text())["documents"]
-        return list_shards(self.folder.root / final)
+        return list_shards(self.folder.curated_documents())
 
     def tokenizer(self) -> None:
         from tokenmill.tokens.tokenizer import prepare_tokenizer
@@ -119,10 +106,9 @@ class Runner:
         f = self.folder
         tok = load_tokenizer(f.tokenizer)
         pack_documents(self.curated_shards(), tok, f.train_tokens)
-        heldout_shard = f.heldout.parent / "shards" / "shard-00000.parquet"
-        if not heldout_shard.exists():
-            write_parquet_atomic(pq.read_table(f.heldout), heldout_shard)
-        pack_documents([heldout_shard], tok, f.heldout_tokens)
+        if not f.heldout_shard.exists():
+            write_parquet_atomic(pq.read_table(f.heldout), f.heldout_shard)
+        pack_documents([f.heldout_shard], tok, f.heldout_tokens)
 
     def model_config(self):
         """The recipe's model with the vocabulary and EOS id of the run's tokenizer. With
@@ -151,37 +137,28 @@ class Runner:
                         bpb_docs=pq.read_table(f.heldout) if cfg.bpb_every else None, tokenizer_dir=f.tokenizer,
                         progress=self.progress)
         if is_main_process():
-            write_json_atomic(summary, f.train / "summary.json")
+            write_json_atomic(summary, f.summary)
 
     def export(self) -> None:
         from tokenmill.model.hf import export_hf
         from tokenmill.train.checkpoint import load_trained_model
 
         f = self.folder
-        model, cfg = load_trained_model(f.train / "checkpoints")
+        model, cfg = load_trained_model(f.checkpoints)
         tmp = f.model.with_name(f.model.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         export_hf(model, cfg, f.tokenizer, tmp)
         shutil.rmtree(f.model, ignore_errors=True)
         tmp.rename(f.model)
 
-    def evaluate(self) -> None:
-        import torch
+    def eval_bpb(self) -> None:
+        """Bits per byte per domain of the exported model, as ``tokenmill eval --bpb`` recomputes it."""
+        from tokenmill.evaluate.model_evals import eval_bpb
 
-        from tokenmill.model.bpb import bits_per_byte
-        from tokenmill.tokens.tokenizer import load_tokenizer
-        from tokenmill.train.checkpoint import load_trained_model
-
-        f, cfg = self.folder, self.recipe.eval
-        model, _ = load_trained_model(f.train / "checkpoints")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        result = bits_per_byte(model.to(device).eval(), load_tokenizer(f.tokenizer), pq.read_table(f.heldout),
-                               seq_len=self.recipe.train.seq_len, batch_size=cfg.batch_size, device=device,
-                               max_docs_per_domain=cfg.max_docs_per_domain)
-        write_json_atomic(result, f.eval / "bpb.json")
+        eval_bpb(self.folder.root)
 
     def report(self) -> None:
-        from tokenmill.report.html import write_report
+        from tokenmill.report.run_report import write_report
 
         write_report(self.folder.root)
 
@@ -189,13 +166,13 @@ class Runner:
         """(name, is-complete check, action) of every stage, in order."""
         f = self.folder
         stages = [
-            ("read", lambda: (f.read / "stats.json").exists(), self.read),
-            ("curate", lambda: (f.curate / "final.json").exists(), self.curate),
+            ("read", lambda: f.read.done, self.read),
+            ("curate", f.final.exists, self.curate),
             ("tokenizer", lambda: (f.tokenizer / "tokenizer.json").exists(), self.tokenizer),
             ("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack),
-            ("train", lambda: (f.train / "summary.json").exists(), self.train),
+            ("train", f.summary.exists, self.train),
             ("export", lambda: (f.model / "config.json").exists(), self.export),
-            ("eval", lambda: (f.eval / "bpb.json").exists(), self.evaluate),
+            ("eval", f.bpb.exists, self.eval_bpb),
             ("report", lambda: False, self.report),
         ]
         return [s for s in stages if s[0] != "eval" or self.recipe.eval.bpb]
@@ -204,10 +181,13 @@ class Runner:
         """Run every stage not yet complete, stopping after ``until`` when given."""
         if until is not None and until not in STAGES:
             raise TokenmillError(f"--until {until!r}: not a stage; stages are {', '.join(STAGES)}")
-        for name, done, action in self.stages():
-            self._stage(name, done, action)
-            if name == until:
-                break
+        self.folder.create()
+        with self.folder.lock():
+            self._open()
+            for name, done, action in self.stages():
+                self._stage(name, done, action)
+                if name == until:
+                    break
         return self.folder.root
 
 

@@ -1,10 +1,8 @@
 """Curation steps: each one class with typed params, run shard by shard by an executor.
 
-Importing this package registers every built-in step (see ``STEPS``).
+The steps a recipe can name are listed in ``tokenmill.steps``.
 """
 
-from tokenmill.curate.base import STEPS, FilterStep, Step, StepParams, StepResult, register_step
-from tokenmill.curate import (  # noqa: F401  (importing registers the steps)
-    c4, decontam, dedup, extract, fineweb, gopher, langid, length, minhash, normalize, pii)
+from tokenmill.curate.base import FilterStep, Step, StepParams, StepResult
 
-__all__ = ["STEPS", "FilterStep", "Step", "StepParams", "StepResult", "register_step"]
+__all__ = ["FilterStep", "Step", "StepParams", "StepResult"]

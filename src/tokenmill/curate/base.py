@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -35,20 +35,18 @@ class StepResult:
     counters: dict[str, int] = field(default_factory=dict)  # non-removal events, e.g. emails masked
 
 
-STEPS: dict[str, type["Step"]] = {}
-
-
-def register_step(cls: type["Step"]) -> type["Step"]:
-    """Class decorator: make a step available to recipes under ``cls.name``."""
-    if cls.name in STEPS and STEPS[cls.name] is not cls:
-        raise ValueError(f"two steps named {cls.name!r}: {STEPS[cls.name]} and {cls}")
-    STEPS[cls.name] = cls
-    return cls
-
-
 class Step(ABC):
+    """``name`` is read off ``Params.step``'s literal, so a step states its recipe name once."""
+
     name: ClassVar[str]
     Params: ClassVar[type[StepParams]]
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        params = cls.__dict__.get("Params")
+        names = get_args(params.model_fields["step"].annotation) if params is not None else ()
+        if len(names) == 1:
+            cls.name = names[0]
 
     def __init__(self, params: StepParams | None = None, **kwargs: Any):
         if params is None:

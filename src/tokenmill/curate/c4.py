@@ -34,7 +34,7 @@ import sentencex
 from pydantic import Field
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.curate.text_rules import first_failure, per_row, split_rows
 from tokenmill.documents.schema import put_column, with_reason
 
@@ -80,7 +80,6 @@ class C4Params(StepParams):
     )
 
 
-@register_step
 class C4(Step):
     """Keep only prose lines; drop pages with too little prose left or with signs of placeholder or code.
 
@@ -92,7 +91,6 @@ class C4(Step):
     their original text; kept ones carry the cleaned text.
     """
 
-    name = "c4"
     Params = C4Params
 
     def __init__(self, params: StepParams | None = None, **kwargs: Any):

@@ -23,7 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.documents.hashing import ngram_hashes, word_hashes
 from tokenmill.documents.schema import with_reason
 
@@ -68,11 +68,8 @@ def read_eval_items(path: Path, text_field: str, id_field: str | None) -> tuple[
     return ids, texts
 
 
-@register_step
 class Decontaminate(Step):
     """Remove (or flag) documents containing an n-gram of an evaluation item."""
-
-    name = "decontaminate"
 
     class Params(StepParams):
         step: Literal["decontaminate"] = "decontaminate"

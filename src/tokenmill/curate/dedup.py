@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.documents.hashing import hash_strings, mix64, normalized_text_hashes, sequence_hashes, word_hashes
 from tokenmill.documents.schema import put_column, with_reason
 
@@ -177,11 +177,9 @@ class _ExactPart(NamedTuple):
     kinds: int
 
 
-@register_step
 class ExactDedup(DuplicateStep):
     """Remove documents whose (normalised) text equals another's, keeping one per group."""
 
-    name = "exact_dedup"
     reason = "exact_duplicate"
 
     class Params(KeepParams):
@@ -218,7 +216,6 @@ def _line_key(doc_keys: np.ndarray, line_numbers: np.ndarray) -> np.ndarray:
     return mix64(doc_keys ^ mix64(line_numbers.astype(np.uint64) + np.uint64(1)))
 
 
-@register_step
 class LineDedup(Step):
     """CCNet-style line deduplication: drop lines already seen in an earlier document.
 
@@ -227,8 +224,6 @@ class LineDedup(Step):
     documents go. The fitted state is the set of (document, line number) pairs to drop, so ``process``
     needs no hashing of lines, only a split.
     """
-
-    name = "line_dedup"
 
     class Params(StepParams):
         step: Literal["line_dedup"] = "line_dedup"

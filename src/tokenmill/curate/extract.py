@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
-from tokenmill.documents.html import Extractor, extract_main_text, looks_like_html
+from tokenmill.curate.base import Step, StepParams, StepResult
+from tokenmill.documents.html_text import Extractor, extract_main_text, looks_like_html
 from tokenmill.documents.schema import put_column, with_reason
 
 
@@ -35,14 +35,12 @@ class ExtractParams(StepParams):
     )
 
 
-@register_step
 class Extract(Step):
     """Replace each HTML page by its main text; remove pages with none left (reason ``extract_empty``).
 
     A removed page keeps its raw HTML in the rejected table, so one can see what the extractor missed.
     """
 
-    name = "extract"
     Params = ExtractParams
 
     def process(self, table: pa.Table) -> StepResult:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tokenmill.curate.base import FilterStep, StepParams, register_step
+from tokenmill.curate.base import FilterStep, StepParams
 from tokenmill.curate.text_rules import (
     at_most,
     count,
@@ -54,7 +54,6 @@ class FineWebQualityParams(StepParams):
     )
 
 
-@register_step
 class FineWebQuality(FilterStep):
     """FineWeb (v1, English) rules as datatrove's FineWebQualityFilter ran them from v0.2.0 to v0.3.x, the
     version of datatrove's examples/fineweb.py that built FineWeb; the thresholds are that filter's
@@ -65,7 +64,6 @@ class FineWebQuality(FilterStep):
     short_line_ratio (≥ 0.67 of lines have ≤ 30 characters), char_dup_ratio (≥ 0.01 of characters in
     duplicated lines), list_ratio (> 0.3 newlines per word)."""
 
-    name = "fineweb"
     Params = FineWebQualityParams
 
     def reasons(self, table: pa.Table) -> np.ndarray:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tokenmill.curate.base import FilterStep, StepParams, register_step
+from tokenmill.curate.base import FilterStep, StepParams
 from tokenmill.curate.text_rules import (
     at_least,
     at_most,
@@ -69,7 +69,6 @@ class GopherQualityParams(StepParams):
     )
 
 
-@register_step
 class GopherQuality(FilterStep):
     """Gopher's quality rules, thresholds of the paper (A.1.1) and datatrove as defaults.
 
@@ -80,7 +79,6 @@ class GopherQuality(FilterStep):
     datatrove has counted distinct words since January 2025; occurrences would pass "the the ...").
     """
 
-    name = "gopher_quality"
     Params = GopherQualityParams
 
     def reasons(self, table: pa.Table) -> np.ndarray:
@@ -161,7 +159,6 @@ class GopherRepetitionParams(StepParams):
     )
 
 
-@register_step
 class GopherRepetition(FilterStep):
     """Gopher's repetition rules, thresholds of table A1 as defaults.
 
@@ -174,7 +171,6 @@ class GopherRepetition(FilterStep):
     the paper words it, where datatrove skips ahead greedily.
     """
 
-    name = "gopher_repetition"
     Params = GopherRepetitionParams
 
     def reasons(self, table: pa.Table) -> np.ndarray:

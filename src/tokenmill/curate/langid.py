@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.documents.schema import put_column
 
 UNDETERMINED = "und"  # language of a text with no n-gram the model knows (empty, symbols only)
@@ -162,13 +162,11 @@ class LangidParams(StepParams):
         return languages
 
 
-@register_step
 class Langid(Step):
     """Add ``language`` and ``language_score`` columns; remove documents identified with less than
     ``min_score`` (reason ``language_low_score``: the language itself is uncertain) and then those
     confidently in a language outside ``languages`` (reason ``language_<code>``)."""
 
-    name = "langid"
     Params = LangidParams
 
     def process(self, table: pa.Table) -> StepResult:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from tokenmill.curate.base import FilterStep, StepParams, register_step
+from tokenmill.curate.base import FilterStep, StepParams
 
 
 class LengthFilterParams(StepParams):
@@ -40,11 +40,9 @@ class LengthFilterParams(StepParams):
         return self
 
 
-@register_step
 class LengthFilter(FilterStep):
     """Reasons, checked in this order: too_short_chars, too_long_chars, too_few_words, too_many_words."""
 
-    name = "length_filter"
     Params = LengthFilterParams
 
     def reasons(self, table: pa.Table) -> np.ndarray:

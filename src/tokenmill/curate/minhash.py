@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from tokenmill.curate.base import StepResult, register_step
+from tokenmill.curate.base import StepResult
 from tokenmill.curate.dedup import DuplicateStep, KeepParams
 from tokenmill.documents.hashing import mix64, ngram_hashes, odd_constants, word_hashes
 
@@ -137,11 +137,9 @@ class _MinHashPart(NamedTuple):
     signatures: np.ndarray | None  # (docs, num_perm) uint32, kept only when verifying
 
 
-@register_step
 class MinHashDedup(DuplicateStep):
     """Remove near-duplicate documents (word n-gram Jaccard), keeping one per cluster."""
 
-    name = "minhash_dedup"
     reason = "near_duplicate"
 
     class Params(KeepParams):

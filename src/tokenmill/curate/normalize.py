@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.documents.schema import put_column, with_reason
 
 # (pattern, replacement) applied in order; RE2 syntax, so ``\1`` is a back-reference.
@@ -35,11 +35,9 @@ class NormalizeParams(StepParams):
     )
 
 
-@register_step
 class Normalize(Step):
     """Canonicalise Unicode and whitespace; remove documents left empty (reason ``empty``)."""
 
-    name = "normalize"
     Params = NormalizeParams
 
     def process(self, table: pa.Table) -> StepResult:

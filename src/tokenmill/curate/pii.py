@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tokenmill.curate.base import Step, StepParams, StepResult, register_step
+from tokenmill.curate.base import Step, StepParams, StepResult
 from tokenmill.documents.schema import put_column, with_reason
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -99,11 +99,9 @@ class PIIParams(StepParams):
     )
 
 
-@register_step
 class PII(Step):
     """Mask PII in place; counters ``email``, ``ip``, ``phone`` count the replacements."""
 
-    name = "pii"
     Params = PIIParams
 
     def process(self, table: pa.Table) -> StepResult:

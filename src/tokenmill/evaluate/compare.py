@@ -16,10 +16,10 @@ Each run folder becomes series of ``(tokens seen, value)`` per metric:
 
 Training compute at D tokens is ``select_flops + flops_per_token · D``: the model's own count per token
 (6·N plus attention, ``Llama.flops_per_token``) and the data-selection cost the run declares in
-``select_cost.json`` (``SelectCost``). The equal-tokens view reads each metric at the largest token count
-all runs reached, the equal-compute view at the largest FLOP count all reached. Between logged points a
-value is interpolated linearly in log tokens; a run whose series does not span the point has no value
-there, so one-point metrics appear in a view only when the runs end on that point.
+``select_cost.json`` (``tokenmill.runfolder.SelectCost``). The equal-tokens view reads each metric at the
+largest token count all runs reached, the equal-compute view at the largest FLOP count all reached.
+Between logged points a value is interpolated linearly in log tokens; a run whose series does not span
+the point has no value there, so one-point metrics appear in a view only when the runs end on that point.
 
 Loss per token depends on the tokenizer: when runs' tokenizers differ, the loss metrics are marked not
 comparable, while bits per byte and harness metrics stay comparable.
@@ -33,32 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenmill import TokenmillError
-from tokenmill.documents.shards import write_json_atomic
-from tokenmill.evaluate.run_eval import load_run_recipe, text_table
+from tokenmill.console import text_table
+from tokenmill.evaluate.model_evals import load_run_recipe
 from tokenmill.evaluate.scaling import fit_chinchilla, fit_data_law, predict
+from tokenmill.files import read_json
 from tokenmill.model.hf import hf_model_config
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.recipe import Recipe
-from tokenmill.report.html import harness_rows, read_json, read_jsonl
+from tokenmill.runfolder import RunFolder, SelectCost, harness_rows
 
-SELECT_COST_FILE = "select_cost.json"
 _GROUPS = ("val_loss", "val_bpb", "bpb", "eval_bpb")  # metric families in display order; harness metrics come after
-
-
-class SelectCost(BaseModel):
-    """``RUN/select_cost.json``, written by data selection so that equal-compute comparisons charge it,
-    e.g. ``{"flops": 1.2e15, "seconds": 340.5}``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    flops: float = Field(ge=0, description="Floating-point operations spent choosing the training data: every "
-                                           "forward pass of a reference, proxy or classifier model over candidate "
-                                           "documents (2·N_ref per token scored), embeddings and clustering "
-                                           "included; training the selector counts 6·N_ref per token.")
-    seconds: float = Field(ge=0, description="Wall-clock seconds the selection took, end to end.")
 
 
 @dataclass(frozen=True)
@@ -90,25 +76,26 @@ def load_run(path: Path, name: str | None = None) -> RunCurves:
     """Read a trained run folder (``recipe.yaml``, ``train/metrics.jsonl`` and whatever ``eval/`` holds)."""
     path = Path(path)
     recipe = load_run_recipe(path)
-    metrics = read_jsonl(path / "train" / "metrics.jsonl")
+    folder = RunFolder(path)
+    metrics = folder.read_metrics()
     if not metrics:
         raise TokenmillError(f"{path}: no train/metrics.jsonl, so nothing to compare yet; train the run first")
-    train_meta = read_json(path / "tokens" / "train" / "meta.json") or {}
+    train_meta = read_json(folder.train_tokens / "meta.json") or {}
     with torch.device("meta"):  # shapes only: the model's own parameter and FLOP counts, no memory
         model = Llama(_model_config(path, recipe, train_meta))
     tokens = float(max(m["tokens"] for m in metrics if "tokens" in m))
-    series = _training_series(metrics, (read_json(path / "tokens" / "heldout" / "meta.json") or {}).get("domains", {}))
+    series = _training_series(metrics, (read_json(folder.heldout_tokens / "meta.json") or {}).get("domains", {}))
     higher_is_better = {}
-    bpb = read_json(path / "eval" / "bpb.json")
+    bpb = folder.read_bpb()
     if bpb:
-        series["eval_bpb"] = [(tokens, float(bpb["overall"]["bpb"]))]
-        series.update({f"eval_bpb/{d}": [(tokens, float(s["bpb"]))] for d, s in bpb["domains"].items()})
-    harness = read_json(path / "eval" / "harness.json")
+        series["eval_bpb"] = [(tokens, bpb.overall.bpb)]
+        series.update({f"eval_bpb/{d}": [(tokens, s.bpb)] for d, s in bpb.domains.items()})
+    harness = read_json(folder.harness)
     for task, metric, value, _, better in harness_rows(harness) if harness else []:
         series[f"{task}/{metric}"] = [(tokens, value)]
         higher_is_better[f"{task}/{metric}"] = bool(better)
     return RunCurves(name or path.name, path, model.num_params(exclude_embedding=True),
-                     float(model.flops_per_token(recipe.train.seq_len)), read_select_cost(path),
+                     float(model.flops_per_token(recipe.train.seq_len)), folder.read_select_cost(),
                      train_meta.get("tokenizer_fingerprint"), tokens, series, higher_is_better)
 
 
@@ -119,26 +106,6 @@ def _model_config(path: Path, recipe: Recipe, train_meta: dict) -> ModelConfig:
         if source and (Path(source) / "config.json").is_file():
             return hf_model_config(Path(source))
     return recipe.model.model_copy(update={"vocab_size": train_meta.get("vocab_size", recipe.model.vocab_size)})
-
-
-def read_select_cost(run: Path) -> SelectCost | None:
-    """``RUN/select_cost.json`` if the run has one (a run without data selection has none)."""
-    path = Path(run) / SELECT_COST_FILE
-    data = read_json(path)
-    if data is None:
-        return None
-    try:
-        return SelectCost.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())
-        raise TokenmillError(f"{path}: {problems}; expected {{\"flops\": <number>, \"seconds\": <number>}}") from None
-
-
-def write_select_cost(run: Path, flops: float, seconds: float) -> Path:
-    """Record what data selection cost for ``run`` (for the selection stages to call); returns the file."""
-    path = Path(run) / SELECT_COST_FILE
-    write_json_atomic(SelectCost(flops=flops, seconds=seconds).model_dump(), path)
-    return path
 
 
 def compare_runs(paths: list[Path], *, fit: bool = False, n_bootstrap: int = 200) -> dict:

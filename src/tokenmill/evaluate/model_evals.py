@@ -18,46 +18,48 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from tokenmill import TokenmillError
-from tokenmill.documents.shards import list_shards, write_json_atomic
-from tokenmill.model.bpb import bits_per_byte
+from tokenmill.console import text_table
+from tokenmill.documents.shards import list_shards
 from tokenmill.evaluate.membership import MembershipConfig, membership_report
+from tokenmill.files import read_json, write_json_atomic
+from tokenmill.model.bpb import bits_per_byte
 from tokenmill.model.hf import import_hf
 from tokenmill.recipe import Recipe, parse_recipe, read_yaml
-from tokenmill.report.html import harness_rows, membership_source, read_json
+from tokenmill.runfolder import BpbResult, RunFolder, harness_rows, membership_source
 from tokenmill.tokens.tokenizer import load_tokenizer
+from tokenmill.train.device import resolve_device
 
 
 def model_dir(run: Path) -> Path:
     """``RUN/model``, the Hugging Face export every evaluation here loads."""
-    model = Path(run) / "model"
+    model = RunFolder(run).require().model
     if not (model / "config.json").is_file():
         raise TokenmillError(f"{run}: run folder without a model ({model}/config.json is missing); finish the "
                              f"run with `tokenmill run` (its export stage writes model/) and evaluate again")
     return model
 
 
-def eval_bpb(run: Path) -> dict:
-    """Recompute ``RUN/eval/bpb.json`` from ``RUN/model`` with the recipe's eval settings; return it."""
-    run = Path(run)
+def eval_bpb(run: Path) -> BpbResult:
+    """Compute ``RUN/eval/bpb.json`` from ``RUN/model`` with the recipe's eval settings; return it. The run's
+    eval stage and ``tokenmill eval --bpb`` both come here."""
+    folder = RunFolder(run)
     recipe = load_run_recipe(run)
     model, tokenizer = _load_model(run)
-    device = _device()
-    result = bits_per_byte(model.to(device), tokenizer, pq.read_table(run / "heldout" / "documents.parquet"),
-                           seq_len=recipe.train.seq_len, batch_size=recipe.eval.batch_size, device=device,
-                           max_docs_per_domain=recipe.eval.max_docs_per_domain)
-    write_json_atomic(result, run / "eval" / "bpb.json")
+    device = resolve_device("auto")
+    result = BpbResult.model_validate(
+        bits_per_byte(model.to(device), tokenizer, pq.read_table(folder.heldout), seq_len=recipe.train.seq_len,
+                      batch_size=recipe.eval.batch_size, device=device,
+                      max_docs_per_domain=recipe.eval.max_docs_per_domain))
+    result.write(folder.bpb)
     return result
 
 
 def load_run_recipe(run: Path) -> Recipe:
     """The recipe a run folder was made with, validated against today's schema (new fields take defaults)."""
-    path = Path(run) / "recipe.yaml"
-    if not path.is_file():
-        raise TokenmillError(f"{run} is not a run folder (no recipe.yaml)")
-    return parse_recipe(read_yaml(path), str(path))
+    folder = RunFolder(run).require()
+    return parse_recipe(read_yaml(folder.recipe), str(folder.recipe))
 
 
 def eval_harness(run: Path, tasks: list[str] | None = None, *, task_dir: Path | None = None,
@@ -72,10 +74,10 @@ def eval_harness(run: Path, tasks: list[str] | None = None, *, task_dir: Path | 
                              f"pip install 'tokenmill[eval]'") from err
     tasks = tasks or HarnessConfig().tasks
     result = run_harness(model, tasks, task_dir, backend=backend, limit=limit, batch_size=batch_size,
-                         device=_device())
+                         device=str(resolve_device("auto")))
     options = {"tasks": tasks, "task_dir": str(task_dir) if task_dir else None, "backend": backend, "limit": limit}
     result = {"options": options, **result}
-    write_json_atomic(result, Path(run) / "eval" / "harness.json")
+    write_json_atomic(result, RunFolder(run).harness)
     return result
 
 
@@ -84,13 +86,13 @@ def eval_membership(run: Path, members: list[str], nonmembers: list[str], source
     """Score ``members`` against ``nonmembers`` with ``RUN/model``; write and return
     ``RUN/eval/membership.json``. ``source`` says where the texts came from (kept in the file)."""
     model, tokenizer = _load_model(run)
-    device = _device()
+    device = resolve_device("auto")
     max_tokens = min(cfg.max_tokens, model.cfg.max_seq_len)  # never past the positions RoPE covers
     methods = membership_report(members, nonmembers, model.to(device), tokenizer, max_tokens=max_tokens,
                                 batch_size=cfg.batch_size, k=cfg.k, device=device)
     result = {"methods": methods, "members": len(members), "nonmembers": len(nonmembers), "source": source,
               "k": cfg.k, "max_tokens": max_tokens}
-    write_json_atomic(result, Path(run) / "eval" / "membership.json")
+    write_json_atomic(result, RunFolder(run).membership)
     return result
 
 
@@ -125,15 +127,13 @@ def auto_membership_texts(run: Path, n: int, seed: int = 0) -> tuple[list[str], 
     the members, the non-members and a ``source`` record with the per-domain counts and how many
     epochs of the training tokens the model saw: below one, some "members" may never have been read.
     """
-    run = Path(run)
-    final = read_json(run / "curate" / "final.json")
-    heldout_path = run / "heldout" / "documents.parquet"
-    if final is None or not heldout_path.is_file():
+    folder = RunFolder(run).require()
+    if not folder.final.is_file() or not folder.heldout.is_file():
         raise TokenmillError(f"{run}: --membership-auto needs the curated documents (curate/final.json) and the "
                              f"held-out ones (heldout/documents.parquet); pass --membership MEMBERS NONMEMBERS")
-    heldout = _nonempty(pq.read_table(heldout_path, columns=["text", "domain"]))
+    heldout = _nonempty(pq.read_table(folder.heldout, columns=["text", "domain"]))
     train = _nonempty(pa.concat_tables(pq.read_table(p, columns=["text", "domain"])
-                                       for p in list_shards(run / final["documents"])))
+                                       for p in list_shards(folder.curated_documents())))
     train = train.filter(pc.invert(pc.is_in(train.column("text"), value_set=heldout.column("text"))))
     train_counts, heldout_counts = (dict(zip(*np.unique(t.column("domain").to_numpy(zero_copy_only=False),
                                                         return_counts=True))) for t in (train, heldout))
@@ -143,17 +143,17 @@ def auto_membership_texts(run: Path, n: int, seed: int = 0) -> tuple[list[str], 
     rng = np.random.default_rng(seed)
     members = [t for d, k in quota.items() for t in _sample(train, d, k, rng)]
     nonmembers = [t for d, k in quota.items() for t in _sample(heldout, d, k, rng)]
-    seen = (read_json(run / "train" / "summary.json") or {}).get("tokens")
-    corpus = (read_json(run / "tokens" / "train" / "meta.json") or {}).get("n_tokens")
+    seen = (read_json(folder.summary) or {}).get("tokens")
+    corpus = (read_json(folder.train_tokens / "meta.json") or {}).get("n_tokens")
     source = {"auto": {"per_domain": {d: int(k) for d, k in quota.items()}, "seed": seed,
                        "epochs_seen": seen / corpus if seen and corpus else None}}
     return members, nonmembers, source
 
 
-def bpb_table(result: dict) -> str:
-    rows = [(d, s["bpb"], s["docs"], s["bytes"]) for d, s in sorted(result["domains"].items())]
-    rows += [("overall (pooled)", result["overall"]["bpb"], result["overall"]["docs"], result["overall"]["bytes"]),
-             ("macro average", result["macro_bpb"], None, None)]
+def bpb_table(result: BpbResult) -> str:
+    rows = [(d, s.bpb, s.docs, s.bytes) for d, s in sorted(result.domains.items())]
+    rows += [("overall (pooled)", result.overall.bpb, result.overall.docs, result.overall.bytes),
+             ("macro average", result.macro_bpb, None, None)]
     return text_table(["domain", "bits per byte", "docs", "bytes"], rows)
 
 
@@ -168,32 +168,10 @@ def membership_table(result: dict) -> str:
         ["method", "AUC", "TPR at 5% FPR"], [(m, r["auc"], r["tpr_at_5fpr"]) for m, r in result["methods"].items()])
 
 
-def text_table(headers: list[str], rows: list[tuple]) -> str:
-    """A plain-text table for the terminal: first column left-aligned, the rest right-aligned."""
-    shown = [list(map(str, headers))] + [[_text_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in shown) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in shown]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _text_cell(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.4f}"
-    return str(value)
-
-
 def _load_model(run: Path):
     """tokenmill's Llama (in eval mode) and the tokenizer from ``RUN/model``."""
     path = model_dir(run)
     return import_hf(path)[0].eval(), load_tokenizer(path)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _nonempty(table: pa.Table) -> pa.Table:

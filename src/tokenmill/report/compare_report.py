@@ -1,6 +1,6 @@
 """The comparison page of ``tokenmill compare``: one self-contained HTML file beside ``compare.json``.
 
-It draws only from the comparison dict (``evaluate.compare.compare_runs``), so it can be rebuilt from
+It draws only from the comparison dict (``tokenmill.evaluate.compare.compare_runs``), so it can be rebuilt from
 ``compare.json`` alone, and shares the run report's styling, tables and inline plots.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tokenmill.documents.shards import write_json_atomic
-from tokenmill.report.html import cell, png, table, write_page
+from tokenmill.files import write_json_atomic
+from tokenmill.report.page import cell, png, table, write_page
 
 _VIEWS = ("final", "equal_tokens", "equal_compute")
 _BPB = ("val_bpb", "bpb", "eval_bpb")  # bits-per-byte families, drawn together per domain

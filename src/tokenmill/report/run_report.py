@@ -7,134 +7,32 @@ the report also serves a run that stopped half-way. Text from the data is always
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import os
 import statistics
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tokenmill import TokenmillError
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem;
-       color: #1d232a; line-height: 1.45; }
-h1 { margin-bottom: .2rem; } h2 { border-bottom: 2px solid #d7dde4; padding-bottom: .2rem; margin-top: 2.4rem; }
-nav a { margin-right: 1rem; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
-th, td { padding: .25rem .7rem; border-bottom: 1px solid #e3e7ec; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f2f4f7; }
-tr.total td { font-weight: 600; border-top: 2px solid #aab4bf; }
-pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .85rem; }
-.not-run { color: #8a6d00; font-style: italic; }
-img { max-width: 100%; }
-.warning { background: #fff4d6; border-left: 4px solid #d99a00; padding: .5rem .8rem; }
-td.best { font-weight: 700; }
-td.not-comparable { color: #8a8f96; text-decoration: line-through; }
-"""
+from tokenmill.files import read_json
+from tokenmill.report.page import cell, not_run, png, table, write_page
+from tokenmill.runfolder import BpbResult, RunFolder, StepStats, harness_rows, membership_source
 
 
 def write_report(run_dir: Path) -> Path:
     """Build ``run_dir/report.html`` from whatever stages have run; returns its path."""
-    run_dir = Path(run_dir)
-    recipe = run_dir / "recipe.yaml"
-    if not recipe.is_file():
-        raise TokenmillError(f"{recipe} not found: a report needs a run folder made by `tokenmill run`")
-    timings = read_json(run_dir / "timings.json")
+    f = RunFolder(run_dir).require()
+    timings = read_json(f.timings)
     bodies = {
-        "recipe": _recipe(recipe),
+        "recipe": _recipe(f.recipe),
         "timings": _timings(timings),
-        "curation": _curation(run_dir / "curate"),
-        "tokens": _tokens(read_json(run_dir / "tokens" / "train" / "meta.json")),
-        "training": _training(read_jsonl(run_dir / "train" / "metrics.jsonl"), timings),
-        "evaluation": _evaluation(run_dir / "eval"),
-        "model": _model(run_dir / "model"),
+        "curation": _curation([step.read_stats() for step in f.steps()]),
+        "tokens": _tokens(read_json(f.train_tokens / "meta.json")),
+        "training": _training(f.read_metrics(), timings),
+        "evaluation": (_bits_per_byte(f.read_bpb()) + _harness(read_json(f.harness))
+                       + _membership(read_json(f.membership))),
+        "model": _model(f.model),
     }
-    return write_page(run_dir / "report.html", f"tokenmill run {run_dir.resolve().name}", bodies)
-
-
-def write_page(out: Path, title: str, sections: dict[str, str]) -> Path:
-    """Write a report page atomically: ``sections`` maps a section name to its HTML body, in order,
-    each linked from the navigation bar at the top."""
-    nav = " ".join(f'<a href="#{name}">{escape(name.capitalize())}</a>' for name in sections)
-    body = "\n".join(f'<section id="{name}"><h2>{escape(name.capitalize())}</h2>\n{html}</section>'
-                     for name, html in sections.items())
-    title = escape(title)
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head>\n<body><h1>{title}</h1>\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
-
-
-# ---- reading ------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TokenmillError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); rerun the stage that wrote it")
-
-
-def read_jsonl(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise TokenmillError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete the line")
-    return records
-
-
-# ---- html pieces ----------------------------------------------------------------------------------
-
-
-def not_run(what: str) -> str:
-    return f'<p class="not-run">Not run: {escape(what)} not found.</p>'
-
-
-def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], total: Iterable[Any] | None = None) -> str:
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
-    lines = ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows]
-    if total is not None:
-        lines.append('<tr class="total">' + "".join(f"<td>{cell(v)}</td>" for v in total) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
-
-
-def cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    if isinstance(value, float):  # four decimals where they matter (bits per byte, losses), none on big numbers
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
-    return escape(str(value))
-
-
-def png(fig: Figure) -> str:
-    """The figure as an inline <img>, rendered by the Agg canvas without touching pyplot's global state."""
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+    return write_page(f.report, f"tokenmill run {f.root.resolve().name}", bodies)
 
 
 def _percent(part: float, whole: float) -> str:
@@ -156,14 +54,7 @@ def _timings(timings: dict | None) -> str:
     return table(["stage", "seconds"], rows, total=["total", sum(s for _, s in rows)])
 
 
-def _curation(curate_dir: Path) -> str:
-    read = read_json(curate_dir / "read" / "stats.json")
-    steps = [
-        read_json(folder / "stats.json")
-        for folder in sorted(p for p in curate_dir.glob("*") if p.is_dir() and p.name != "read")
-        if (folder / "stats.json").is_file()
-    ]
-    stages = ([read] if read else []) + steps
+def _curation(stages: list[StepStats]) -> str:
     if not stages:
         return not_run("curate/*/stats.json")
     first = stages[0]
@@ -171,18 +62,17 @@ def _curation(curate_dir: Path) -> str:
         ["stage", "docs in", "docs removed", "docs kept", "kept of input", "bytes kept", "bytes kept of input",
          "seconds"],
         [
-            (s["step"], s["input_docs"], s["removed_docs"], s["kept_docs"],
-             _percent(s["kept_docs"], first["input_docs"]), s["kept_bytes"],
-             _percent(s["kept_bytes"], first["input_bytes"]), float(s["seconds"]))
+            (s.step, s.input_docs, s.removed_docs, s.kept_docs, _percent(s.kept_docs, first.input_docs),
+             s.kept_bytes, _percent(s.kept_bytes, first.input_bytes), float(s.seconds))
             for s in stages
         ],
     )
     reasons = [
-        (s["step"], reason, count, _percent(count, s["input_docs"]))
+        (s.step, reason, count, _percent(count, s.input_docs))
         for s in stages
-        for reason, count in sorted(s["removed"].items(), key=lambda item: (-item[1], item[0]))
+        for reason, count in sorted(s.removed.items(), key=lambda item: (-item[1], item[0]))
     ]
-    counters = [(s["step"], name, value) for s in stages for name, value in sorted(s.get("counters", {}).items())]
+    counters = [(s.step, name, value) for s in stages for name, value in sorted(s.counters.items())]
     return (
         "<h3>Funnel</h3>" + funnel + _funnel_plot(stages)
         + "<h3>Removed, by reason</h3>"
@@ -191,10 +81,10 @@ def _curation(curate_dir: Path) -> str:
     )
 
 
-def _funnel_plot(stages: list[dict]) -> str:
-    names = ["input"] + [s["step"] for s in stages]
-    docs = [stages[0]["input_docs"]] + [s["kept_docs"] for s in stages]
-    megabytes = [stages[0]["input_bytes"] / 1e6] + [s["kept_bytes"] / 1e6 for s in stages]
+def _funnel_plot(stages: list[StepStats]) -> str:
+    names = ["input"] + [s.step for s in stages]
+    docs = [stages[0].input_docs] + [s.kept_docs for s in stages]
+    megabytes = [stages[0].input_bytes / 1e6] + [s.kept_bytes / 1e6 for s in stages]
     fig = Figure(figsize=(10, 0.45 * len(names) + 1.2))
     left, right = fig.subplots(1, 2, sharey=True)
     for ax, values, label in ((left, docs, "documents"), (right, megabytes, "MB of text")):
@@ -278,41 +168,20 @@ def _curve_label(key: str, prefix: str) -> str:
     return f"{prefix} ({domain})" if domain else prefix
 
 
-def _evaluation(eval_dir: Path) -> str:
-    return (_bits_per_byte(read_json(eval_dir / "bpb.json")) + _harness(read_json(eval_dir / "harness.json"))
-            + _membership(read_json(eval_dir / "membership.json")))
-
-
-def _bits_per_byte(bpb: dict | None) -> str:
+def _bits_per_byte(bpb: BpbResult | None) -> str:
     if bpb is None:
         return not_run("eval/bpb.json")
     headers = ["domain", "bits per byte", "docs", "bytes", "tokens", "bytes per token"]
 
-    def row(name: str, s: dict) -> tuple:
-        return (name, float(s["bpb"]), s["docs"], s["bytes"], s["tokens"], s["bytes"] / max(s["tokens"], 1))
+    def row(name: str, s) -> tuple:
+        return (name, s.bpb, s.docs, s.bytes, s.tokens, s.bytes / max(s.tokens, 1))
 
-    rows = [row(d, s) for d, s in sorted(bpb["domains"].items(), key=lambda item: item[1]["bpb"])]
+    rows = [row(d, s) for d, s in sorted(bpb.domains.items(), key=lambda item: item[1].bpb)]
     return (
         "<p>Bits per UTF-8 byte of held-out documents, pooled within each domain (lower is better); "
-        f"macro average over domains: <b>{float(bpb['macro_bpb']):.4f}</b>.</p>"
-        + table(headers, rows, total=row("overall (pooled)", bpb["overall"]))
+        f"macro average over domains: <b>{bpb.macro_bpb:.4f}</b>.</p>"
+        + table(headers, rows, total=row("overall (pooled)", bpb.overall))
     )
-
-
-def harness_rows(result: dict) -> list[tuple[str, str, float, float | None, bool | None]]:
-    """``(task, metric, value, stderr, higher_is_better)`` of each metric in a ``harness.json``; a metric
-    under a filter other than lm_eval's ``none`` is named ``metric,filter``."""
-    rows = []
-    for task, metrics in result["results"].items():
-        better = result.get("higher_is_better", {}).get(task, {})
-        for key, value in metrics.items():
-            metric, _, filter_name = key.partition(",")
-            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-            rows.append((task, metric if filter_name == "none" else key, float(value),
-                         float(stderr) if isinstance(stderr, (int, float)) else None, better.get(metric)))
-    return rows
 
 
 def _harness(result: dict | None) -> str:
@@ -325,18 +194,6 @@ def _harness(result: dict | None) -> str:
     return (f"<h3>lm-evaluation-harness</h3><p>Tasks run on the exported model (backend "
             f"{escape(str(options.get('backend', 'tokenmill')))}{escape(limit)}).</p>"
             + table(["task", "metric", "value", "± stderr", "better"], rows))
-
-
-def membership_source(result: dict) -> str:
-    """Which texts a ``membership.json`` compared, in a sentence."""
-    auto = result["source"].get("auto")
-    if not auto:
-        return (f"{result['members']} texts from {result['source']['members']} against "
-                f"{result['nonmembers']} from {result['source']['nonmembers']}")
-    epochs = auto.get("epochs_seen")
-    return (f"{result['members']} curated training documents against as many held-out ones, matched per domain "
-            f"({', '.join(f'{d}: {k}' for d, k in auto['per_domain'].items())})"
-            + (f"; the model saw {epochs:.2f} epochs of its training tokens" if epochs else ""))
 
 
 def _membership(result: dict | None) -> str:

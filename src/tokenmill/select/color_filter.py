@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tokenmill.curate.base import register_step
 from tokenmill.select.base import TargetSet
 from tokenmill.select.proxy import ProxyLab, ProxyParams, ProxyScoreStep
 
@@ -32,11 +31,9 @@ class ColorFilterParams(ProxyParams):
                                     "default: proxy.lr.")
 
 
-@register_step
 class ColorFilter(ProxyScoreStep):
     """Score = prior bits/byte − conditional bits/byte: how much the target set made a document likelier."""
 
-    name = "color_filter"
     Params = ColorFilterParams
 
     def fit_proxies(self, lab: ProxyLab, pool: list[str], target: list[str], by_domain: dict) -> None:

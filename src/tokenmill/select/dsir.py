@@ -21,7 +21,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import register_step
 from tokenmill.documents.hashing import mix64, word_hashes
 from tokenmill.select.base import ScoreParams, ScoreStep, TargetSet, TextSample, id_keys, merge_samples, \
     sample_rows
@@ -72,11 +71,9 @@ class _CountPart(NamedTuple):
     target: TextSample | None
 
 
-@register_step
 class Dsir(ScoreStep):
     """Score = log importance weight of the document under target vs raw hashed n-gram distributions."""
 
-    name = "dsir"
     Params = DsirParams
 
     def __init__(self, params: DsirParams | None = None, **kwargs: Any):

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from tokenmill.curate.base import StepResult, register_step
+from tokenmill.curate.base import StepResult
 from tokenmill.model.hf import import_hf
 from tokenmill.model.llama import Llama
 from tokenmill.select.base import TargetSet
@@ -60,11 +60,9 @@ class PerplexityBandParams(ProxyParams):
         return self
 
 
-@register_step
 class PerplexityBand(ProxyScoreStep):
     """Score = −bits/byte under a reference LM; keep chosen per-domain perplexity bands (CCNet)."""
 
-    name = "perplexity_band"
     Params = PerplexityBandParams
 
     def __init__(self, params: PerplexityBandParams | None = None, **kwargs: Any):

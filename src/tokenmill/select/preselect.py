@@ -33,7 +33,6 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import register_step
 from tokenmill.model.llama import Llama
 from tokenmill.select.base import TargetSet
 from tokenmill.select.proxy import ProxyLab, ProxyParams, ProxyScoreStep
@@ -99,11 +98,9 @@ class PreSelectParams(ProxyParams):
         return self
 
 
-@register_step
 class PreSelect(ProxyScoreStep):
     """Score = P(positive) under a fastText classifier trained on documents of high vs low predictive strength."""
 
-    name = "preselect"
     Params = PreSelectParams
 
     def __init__(self, params: PreSelectParams | None = None, **kwargs: Any):

@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill import TokenmillError
-from tokenmill.curate.base import register_step
 from tokenmill.select.base import ScoreParams, ScoreStep, TargetSet, TextSample, merge_samples, sample_rows
 
 POSITIVE_LABEL = "__label__positive"
@@ -168,11 +167,9 @@ class _TrainPart(NamedTuple):
     negative: TextSample | None
 
 
-@register_step
 class QualityClassifier(ScoreStep):
     """Score = P(positive) under a fastText classifier; keep the documents most like the positives."""
 
-    name = "quality_classifier"
     Params = QualityClassifierParams
 
     def __init__(self, params: QualityClassifierParams | None = None, **kwargs: Any):
