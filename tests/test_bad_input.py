@@ -4,8 +4,10 @@ record never costs a good one."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,12 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from tokenmill import TokenmillError
 from tokenmill.curate.normalize import Normalize
 from tokenmill.curate.pipeline import run_pipeline
 from tokenmill.documents.ingest import HeldoutConfig, ingest
 from tokenmill.documents.readers import SourceConfig
 from tokenmill.documents.shards import list_shards
 from tokenmill.executors import LocalExecutor
+from tokenmill.runfolder import RunFolder
+
+from test_documents import deny_reading
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -45,20 +51,20 @@ def _rejected(folder: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(s) for s in shards]) if shards else pa.table({"id": [], "reason": []})
 
 
-def _read(tmp_path: Path, pattern: str, steps=()) -> dict:
+def _read(tmp_path: Path, pattern: str, steps=(), **source) -> dict:
     """Run the read stage (20% held out) and then ``steps``; return what went where."""
-    run = tmp_path / "run"
-    summary = ingest([SourceConfig(path=pattern)], run / "read", run / "heldout.parquet",
+    run = RunFolder(tmp_path / "run")
+    summary = ingest([SourceConfig(path=pattern, **source)], run.read.root, run.heldout,
                      HeldoutConfig(fraction=0.2, max_docs_per_domain=None), shard_docs=7, progress=False)
-    removed = {"read": _rejected(run / "read")}
-    last = run / "read"
+    removed = {"read": _rejected(run.read.root)}
+    last = run.read
     if steps:
         with LocalExecutor(workers=1, progress=False) as ex:
-            last, _ = run_pipeline(list(steps), run / "read", run / "curate", ex)
-        for step_dir in sorted((run / "curate").iterdir()):
-            removed[step_dir.name.split("-", 1)[1]] = _rejected(step_dir)
-    return {"summary": summary, "kept": _ids(last), "removed": removed,
-            "heldout": pq.read_table(run / "heldout.parquet")["id"].to_pylist()}
+            last, _ = run_pipeline(list(steps), run.read.documents, run, ex)
+        for step in run.steps()[1:]:
+            removed[step.name.split("-", 1)[1]] = _rejected(step.root)
+    return {"summary": summary, "kept": _ids(last.documents), "removed": removed,
+            "heldout": pq.read_table(run.heldout)["id"].to_pylist()}
 
 
 def _assert_accounted(result: dict, ids_in: list[str]) -> None:
@@ -66,7 +72,7 @@ def _assert_accounted(result: dict, ids_in: list[str]) -> None:
     removed = [i for table in result["removed"].values() for i in table["id"].to_pylist()]
     assert Counter(result["kept"]) + Counter(removed) + Counter(result["heldout"]) == Counter(ids_in)
     summary = result["summary"]
-    assert summary["input_docs"] == summary["kept_docs"] + summary["removed_docs"] + len(result["heldout"])
+    assert summary.input_docs == summary.kept_docs + summary.removed_docs + len(result["heldout"])
 
 
 def _reasons(table: pa.Table) -> dict[str, str]:
@@ -85,7 +91,7 @@ def test_truncated_compressed_file_is_reported_and_the_run_goes_on(tmp_path, suf
     result = _read(tmp_path, str(tmp_path / f"*{suffix}"))
 
     rejected = result["removed"]["read"]
-    assert result["summary"]["removed"] == {"truncated_file": 1}
+    assert result["summary"].removed == {"truncated_file": 1}
     (location,) = rejected["source"].to_pylist()
     read_ok = len(result["kept"]) + len(result["heldout"]) - 10
     assert location == f"{tmp_path / ('a' + suffix)}:{read_ok + 1}"  # the line where the file broke
@@ -93,6 +99,52 @@ def test_truncated_compressed_file_is_reported_and_the_run_goes_on(tmp_path, suf
     assert set(result["kept"]) | set(result["heldout"]) == {d["id"] for d in docs[:read_ok]} | {
         f"whole{i}" for i in range(10)}
     _assert_accounted(result, [d["id"] for d in docs[:read_ok]] + [f"whole{i}" for i in range(10)] + [location])
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("a.jsonl.zst", "undecodable_file"),  # plain JSONL under a .zst name
+    ("a.jsonl.gz", "undecodable_file"),  # plain JSONL under a .gz name
+    ("a.jsonl", "unreadable_file"),  # no read permission
+])
+def test_unreadable_file_is_an_error_or_a_counted_skip_never_a_truncation(tmp_path, monkeypatch, name, reason):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / name).write_bytes(_jsonl(_docs("lost", 20)))
+    docs = _docs("read", 20)
+    (src / "b.jsonl").write_bytes(_jsonl(docs))
+    if reason == "unreadable_file":
+        deny_reading(monkeypatch, src / name)
+    what = "cannot be read" if reason == "unreadable_file" else "cannot be decoded"
+    with pytest.raises(TokenmillError, match=rf"{re.escape(str(src / name))}.*{what}"):
+        _read(tmp_path, str(src))
+
+    result = _read(tmp_path, str(src), on_unreadable="skip")
+    assert result["summary"].removed == {reason: 1}
+    (location,) = result["removed"]["read"]["source"].to_pylist()
+    assert location == f"{src / name}:1"
+    assert sorted(result["kept"] + result["heldout"]) == sorted(d["id"] for d in docs)
+    _assert_accounted(result, [d["id"] for d in docs] + [location])
+
+
+def test_bom_does_not_cost_the_first_document(tmp_path):
+    docs = _docs("bom", 10)
+    (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + _jsonl(docs))
+    result = _read(tmp_path, str(tmp_path / "bom.jsonl"))
+    assert result["summary"].removed == {}
+    assert sorted(result["kept"] + result["heldout"]) == sorted(d["id"] for d in docs)
+    _assert_accounted(result, [d["id"] for d in docs])
+
+
+def test_deeply_nested_line_is_one_rejection_and_the_rest_is_read(tmp_path):
+    docs = _docs("deep", 10)
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(_jsonl(docs[:5]) + b"[" * 10_000 + b"\n" + _jsonl(docs[5:]))
+    result = _read(tmp_path, str(path))
+    assert _reasons(result["removed"]["read"]) == {f"{path}:6": "json_too_deep"}
+    assert result["summary"].removed == {"json_too_deep": 1}
+    assert sorted(result["kept"] + result["heldout"]) == sorted(d["id"] for d in docs)
+    _assert_accounted(result, [d["id"] for d in docs] + [f"{path}:6"])
+    assert not (tmp_path / "run" / "read.tmp").exists()
 
 
 def test_mixed_valid_and_invalid_lines_lose_no_valid_document(tmp_path):
@@ -146,15 +198,17 @@ _BIG_DOC_RUN = textwrap.dedent("""
     from tokenmill.documents.ingest import HeldoutConfig, ingest
     from tokenmill.documents.readers import SourceConfig
     from tokenmill.executors import LocalExecutor
+    from tokenmill.runfolder import RunFolder
 
     src, run = Path(sys.argv[1]), Path(sys.argv[2])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ingest([SourceConfig(path=str(src))], run / "read", run / "heldout.parquet", HeldoutConfig(fraction=0.0),
+    folder = RunFolder(run)
+    ingest([SourceConfig(path=str(src))], folder.read.root, folder.heldout, HeldoutConfig(fraction=0.0),
            progress=False)
     with LocalExecutor(workers=1, progress=False) as ex:
-        _, stats = run_pipeline([Normalize(), LengthFilter(max_chars=1_000_000)], run / "read", run / "curate", ex)
+        _, stats = run_pipeline([Normalize(), LengthFilter(max_chars=1_000_000)], folder.read.documents, folder, ex)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_bytes": (peak - before) * 1024, "removed": stats[-1]["removed"]}))
+    print(json.dumps({"growth_bytes": (peak - before) * 1024, "removed": stats[-1].removed}))
 """)
 
 

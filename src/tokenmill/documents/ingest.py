@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from tokenmill import TokenmillError
 from tokenmill.documents.readers import ReadStats, Record, SourceConfig, read_source
 from tokenmill.documents.schema import SCHEMA, make_table, with_reason
-from tokenmill.documents.shards import ShardBuffer, shard_name, text_bytes, write_json_atomic, write_parquet_atomic
+from tokenmill.documents.shards import ShardBuffer, shard_name, text_bytes, write_parquet_atomic
+from tokenmill.runfolder import StepFolder, StepStats
 
 
 class HeldoutConfig(BaseModel):
@@ -129,18 +130,19 @@ class _HeldoutWriter:
 
 def ingest(sources: Sequence[SourceConfig], out_dir: Path, heldout_path: Path, heldout: HeldoutConfig,
            *, base_dir: Path | None = None, shard_docs: int = 2000, shard_bytes: int = 64 << 20,
-           keep_rejected: bool = True, progress: bool = True) -> dict:
-    """Read every source into ``out_dir/shard-*.parquet`` (+ ``rejected/``) and the held-out Parquet file.
+           keep_rejected: bool = True, progress: bool = True) -> StepStats:
+    """Read every source into the read stage's StepFolder ``out_dir`` (kept shards under ``documents/``,
+    ``rejected/``, ``stats.json``) and the held-out Parquet file.
 
     Two passes over the sources: the first hashes ids to choose the held-out set and to find duplicate
     ids, the second writes, deciding each record by its position in reading order. The stage writes
     into a temporary folder renamed into place at the end: it is either complete or absent.
     """
     t0 = time.perf_counter()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    duplicate, held = read_decisions(*_scan_ids(sources, base_dir), heldout)  # before any write: an
+    tmp = out_dir.with_name(out_dir.name + ".tmp")                          # unreadable file leaves nothing
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    duplicate, held = read_decisions(*_scan_ids(sources, base_dir), heldout)
 
     stats = ReadStats()
     counts = {"input_docs": 0, "kept_docs": 0, "kept_bytes": 0}
@@ -149,14 +151,14 @@ def ingest(sources: Sequence[SourceConfig], out_dir: Path, heldout_path: Path, h
     def flush_kept(rows: list[dict]) -> None:
         table = make_table(rows)
         counts["kept_bytes"] += text_bytes(table)
-        write_parquet_atomic(table, tmp / shard_name(n_shards[0]))
+        write_parquet_atomic(table, StepFolder(tmp).documents / shard_name(n_shards[0]))
         n_shards[0] += 1
 
     def flush_rejected(rows: list[dict]) -> None:
         if keep_rejected:
             reasons = [r.pop("reason") for r in rows]
             write_parquet_atomic(with_reason(make_table(rows), reasons, "read"),
-                                 tmp / "rejected" / shard_name(n_shards[1]))
+                                 StepFolder(tmp).rejected / shard_name(n_shards[1]))
             n_shards[1] += 1
 
     kept = ShardBuffer(flush_kept, shard_docs, shard_bytes)
@@ -190,14 +192,13 @@ def ingest(sources: Sequence[SourceConfig], out_dir: Path, heldout_path: Path, h
     if counts["kept_docs"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise_empty(sources, stats)
-    summary = {
-        "step": "read", "files": stats.files, "input_docs": counts["input_docs"],
-        "input_bytes": counts["kept_bytes"] + held_out.bytes,
-        "kept_docs": counts["kept_docs"], "kept_bytes": counts["kept_bytes"],
-        "removed_docs": sum(stats.rejected.values()), "removed": dict(stats.rejected),
-        "counters": {"heldout_docs": held_out.docs}, "seconds": time.perf_counter() - t0,
-    }
-    write_json_atomic(summary, tmp / "stats.json")
+    summary = StepStats(
+        step="read", files=stats.files, input_docs=counts["input_docs"],
+        input_bytes=counts["kept_bytes"] + held_out.bytes,
+        kept_docs=counts["kept_docs"], kept_bytes=counts["kept_bytes"],
+        removed_docs=sum(stats.rejected.values()), removed=dict(stats.rejected),
+        counters={"heldout_docs": held_out.docs}, seconds=time.perf_counter() - t0)
+    summary.write(StepFolder(tmp).stats)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return summary

@@ -1,20 +1,25 @@
 """Read source files into core-schema documents, reporting every unreadable record with its location.
 
-A reader never raises on bad *content*: a malformed JSON line, bytes that are not UTF-8, a record
-without text, a truncated compressed file, a broken WARC record, a page in no decodable charset — each
-becomes a rejected record with a ``reason`` and a ``source`` of ``file:line`` (``file:byte offset`` for
-WARC) so the user can find it, and reading goes on. JSONL and WARC files are streamed, never loaded
-whole. A reader raises ``TokenmillError`` only for what the user must fix before anything can run: a
-path that matches nothing, an unknown format, a Parquet file or dataset without the text column.
+A reader never raises on bad *content*: a JSON line that is malformed or more than Python holds (too
+deeply nested, too long a number), bytes that are not UTF-8, a record without text, a truncated
+compressed file, a broken WARC record, a page in no decodable charset — each becomes a rejected record
+with a ``reason`` and a ``source`` of ``file:line`` (``file:byte offset`` for WARC) so the user can find
+it, and reading goes on. JSONL and WARC files are streamed, never loaded whole. A reader raises
+``TokenmillError`` only for what the user must fix before anything can run: a path that matches
+nothing, an unknown format, a Parquet file or dataset without the text column, and a file that cannot
+be opened or decoded at all (unless the source says to skip such files): one rejected record would hide
+a whole file's documents from the counts.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -26,7 +31,7 @@ from fastwarc.warc import WarcRecord, WarcRecordType
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill import TokenmillError
-from tokenmill.documents.html import decode_html
+from tokenmill.documents.html_text import decode_html
 
 Format = Literal["auto", "jsonl", "parquet", "txt", "html", "warc", "hf_disk"]
 
@@ -36,6 +41,13 @@ _HTML_SUFFIXES = (".html", ".htm")
 _HF_DISK_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes at a dataset's root
 _WARC_VERSION = b"WARC/1."
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
+# Deeper JSON is rejected: far enough below Python's recursion limit (1000) that parsing a line and
+# serialising its metadata never hit it, whatever the caller's stack depth, so both read passes agree.
+_MAX_JSON_DEPTH = 500
+_FILE_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, pa.ArrowException)
+_UNDECODABLE = (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, pa.ArrowInvalid)
+_FILE_FAILURES = {"unreadable_file": "cannot be read",
+                  "undecodable_file": "cannot be decoded (is it the format its name says, and undamaged?)"}
 
 
 class SourceConfig(BaseModel):
@@ -59,6 +71,13 @@ class SourceConfig(BaseModel):
                                                  "Default: the record's `domain_field`, else the file name "
                                                  "without extensions.")
     domain_field: str = Field("domain", description="Field holding a per-record domain label.")
+    on_unreadable: Literal["error", "skip"] = Field(
+        "error", description="A file that cannot be opened or read (permissions, I/O error) or decoded (not "
+                             "the compression its name says, corrupt data, not Parquet): `error` stops the "
+                             "run naming the file; `skip` counts it as one rejected record (reason "
+                             "`unreadable_file` or `undecodable_file`, keeping any documents read before "
+                             "the damage) and reads on. A compressed file cut short is never an error: its "
+                             "documents before the cut are kept and the cut is counted as `truncated_file`.")
 
 
 @dataclass
@@ -172,6 +191,34 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+def _file_failure(err: Exception, loc: str, cfg: SourceConfig, stats: ReadStats, domain: str = "") -> Record:
+    """The rejection for a file that broke at ``loc``; raises instead for an unreadable or undecodable file
+    unless the source skips those."""
+    reason = "truncated_file" if isinstance(err, EOFError) else (
+        "undecodable_file" if isinstance(err, _UNDECODABLE) else "unreadable_file")
+    detail = f"{type(err).__name__}: {err}"
+    if reason in _FILE_FAILURES and cfg.on_unreadable == "error":
+        raise TokenmillError(f"{loc}: the file {_FILE_FAILURES[reason]} ({detail}); fix or remove it, or set "
+                             f"`on_unreadable: skip` on the source to count it as rejected and read on")
+    stats.reject(reason)
+    return Record(loc, detail, domain, loc, reason=reason)
+
+
+def _nested_too_deep(line: str, obj: object) -> bool:
+    """Whether parsed JSON nests arrays and objects deeper than ``_MAX_JSON_DEPTH``; walked without
+    recursion, and only for lines with enough brackets to be that deep."""
+    if line.count("[") + line.count("{") <= _MAX_JSON_DEPTH:
+        return False
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def _read_jsonl(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
     line_no = 0
     where = str(path)
@@ -179,6 +226,8 @@ def _read_jsonl(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Rec
         with _open_binary(path) as fh:
             for line_no, raw in enumerate(fh, start=1):
                 loc = f"{where}:{line_no}"
+                while raw.startswith(codecs.BOM_UTF8):  # starts the file, or a file concatenated to it
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
                     continue
                 try:
@@ -190,20 +239,22 @@ def _read_jsonl(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Rec
                     continue
                 try:
                     obj = json.loads(line)
+                    reason = "json_too_deep" if _nested_too_deep(line, obj) else (
+                        "" if isinstance(obj, dict) else "not_an_object")
                 except json.JSONDecodeError:
-                    yield Record(loc, line, "", loc, reason="malformed_json")
-                    stats.reject("malformed_json")
-                    continue
-                if not isinstance(obj, dict):
-                    yield Record(loc, line, "", loc, reason="not_an_object")
-                    stats.reject("not_an_object")
+                    reason = "malformed_json"
+                except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+                    reason = "json_number_too_long"
+                except RecursionError:
+                    reason = "json_too_deep"
+                if reason:
+                    yield Record(loc, line, "", loc, reason=reason)
+                    stats.reject(reason)
                     continue
                 yield _record_from_fields(obj, path, loc, line, cfg, stats)
-    except (EOFError, OSError, zstandard.ZstdError) as err:
-        # A truncated or corrupt compressed file: keep what was read, report where it broke.
-        loc = f"{where}:{line_no + 1}"
-        stats.reject("truncated_file")
-        yield Record(loc, f"{type(err).__name__}: {err}", "", loc, reason="truncated_file")
+    except _FILE_ERRORS as err:
+        # Cut short, undecodable or unreadable: what was read is kept, the record says where it broke.
+        yield _file_failure(err, f"{where}:{line_no + 1}", cfg, stats)
 
 
 def _record_from_fields(obj: dict, path: Path, loc: str, raw: str, cfg: SourceConfig,
@@ -227,27 +278,41 @@ def _record_from_fields(obj: dict, path: Path, loc: str, raw: str, cfg: SourceCo
 def _read_parquet(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        stats.reject("unreadable_file")
-        yield Record(str(path), str(err), "", str(path), reason="unreadable_file")
+    except _FILE_ERRORS as err:
+        yield _file_failure(err, str(path), cfg, stats)
         return
     names = pf.schema_arrow.names
     if cfg.text_field not in names:
         raise TokenmillError(f"{path}: no column {cfg.text_field!r} (columns: {names}); "
                              f"set `text_field:` on the source")
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for obj in batch.to_pylist():
-            row += 1
-            yield _record_from_fields(obj, path, f"{path}:{row}", json.dumps(obj, default=str), cfg, stats)
+    try:
+        for batch in pf.iter_batches(batch_size=1024):
+            for obj in batch.to_pylist():
+                row += 1
+                yield _record_from_fields(obj, path, f"{path}:{row}", json.dumps(obj, default=str), cfg, stats)
+    except _FILE_ERRORS as err:  # a corrupt page: the rows before it are kept
+        yield _file_failure(err, f"{path}:{row + 1}", cfg, stats)
+
+
+def _read_bytes(path: Path, cfg: SourceConfig, stats: ReadStats, domain: str) -> bytes | Record:
+    """A whole file's bytes, or the rejection of a file that cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        return _file_failure(err, str(path), cfg, stats, domain)
 
 
 def _read_txt(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
-    raw = path.read_bytes()
     loc = str(path)
     domain = cfg.domain or _default_domain(path.parent)
+    raw = _read_bytes(path, cfg, stats, domain)
+    if isinstance(raw, Record):
+        yield raw
+        return
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM marks the encoding; it is not text
     except UnicodeDecodeError:
         stats.reject("invalid_utf8")
         yield Record(loc, raw.decode("utf-8", "backslashreplace"), domain, loc, reason="invalid_utf8")
@@ -262,7 +327,10 @@ def _read_txt(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Recor
 def _read_html(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
     loc = str(path)
     domain = cfg.domain or _default_domain(path.parent)
-    raw = path.read_bytes()
+    raw = _read_bytes(path, cfg, stats, domain)
+    if isinstance(raw, Record):
+        yield raw
+        return
     decoded = decode_html(raw)
     if decoded is None:
         stats.reject("undecodable_html")
@@ -276,9 +344,11 @@ def _read_html(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Reco
     yield Record(loc, text, domain, loc, json.dumps({"encoding": encoding}))
 
 
-def _warc_records(fh: io.BufferedIOBase) -> Iterator[tuple[int, bytes, str]]:
+def _warc_records(fh: io.BufferedIOBase) -> Iterator[tuple[int, bytes | Exception, str]]:
     """Split a WARC stream into ``(offset, record bytes, "")``, or ``(offset, bytes read, reason)``
-    for a stretch that is no well-formed record (``bad_warc_record``) or is cut short (``truncated_file``).
+    for a stretch that is no well-formed record (``bad_warc_record``) or is cut short (``truncated_file``),
+    or ``(offset, exception, "")`` where the stream itself breaks (cut short, undecodable or unreadable:
+    ``_file_failure`` decides).
 
     We frame records ourselves (version line, header lines, ``Content-Length`` bytes of block) rather
     than let fastwarc iterate, because fastwarc either stops at the first broken record or skips it
@@ -322,8 +392,8 @@ def _warc_records(fh: io.BufferedIOBase) -> Iterator[tuple[int, bytes, str]]:
                 return
             yield start, b"".join(head) + line + block, ""
             line = fh.readline()
-    except (EOFError, OSError, zstandard.ZstdError) as err:  # a truncated or corrupt compressed stream
-        yield offset, f"{type(err).__name__}: {err}".encode(), "truncated_file"
+    except _FILE_ERRORS as err:  # a truncated, corrupt or unreadable stream
+        yield offset, err, ""
 
 
 def _html_document(raw: bytes, loc: str, domain: str, stats: ReadStats) -> Record | None:
@@ -360,10 +430,17 @@ def _preview(raw: bytes) -> str:
 
 def _read_warc(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[Record]:
     domain = cfg.domain or _default_domain(path)
-    with _open_binary(path) as fh:
+    try:
+        fh = _open_binary(path)
+    except OSError as err:
+        yield _file_failure(err, f"{path}:0", cfg, stats, domain)
+        return
+    with fh:
         for offset, raw, reason in _warc_records(fh):
             loc = f"{path}:{offset}"
-            if reason:
+            if isinstance(raw, Exception):
+                yield _file_failure(raw, loc, cfg, stats, domain)
+            elif reason:
                 stats.reject(reason)
                 yield Record(loc, _preview(raw), domain, loc, reason=reason)
             elif (doc := _html_document(raw, loc, domain, stats)) is not None:
