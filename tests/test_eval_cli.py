@@ -11,6 +11,7 @@ import yaml
 
 from tokenmill.cli import main
 from tokenmill.evaluate.model_evals import auto_membership_texts
+from tokenmill.runfolder import RunFolder
 
 from conftest import DEMO_DATA
 
@@ -46,13 +47,63 @@ def test_harness_writes_results_prints_a_table_and_reaches_the_report(run, capsy
     result = json.loads((run / "eval" / "harness.json").read_text())
     assert list(result["results"]) == ["tokenmill_cloze"]
     assert result["n-samples"]["tokenmill_cloze"]["effective"] == 3
-    assert result["options"] == {"tasks": ["tokenmill_cloze"], "task_dir": None, "backend": "tokenmill", "limit": 3}
+    assert result["options"] == {"tokenmill_cloze": {"task_dir": None, "backend": "tokenmill", "limit": 3,
+                                                     "num_fewshot": None, "log_samples": False, "output_path": None}}
     acc = result["results"]["tokenmill_cloze"]["acc,none"]
     assert 0 <= acc <= 1
     assert "tokenmill_cloze" in out and "perplexity" in out and f"{acc:.4f}" in out
     page = (run / "report.html").read_text()
     assert "lm-evaluation-harness" in page and "tokenmill_cloze" in page
     assert "Not run: tokens" not in page  # the token section reads tokens/train/meta.json
+
+
+def test_harness_runs_add_up_per_task_with_the_options_each_was_run_with(run, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    words = [{"context": "In the beginning God created the heaven and the", "target": " earth"},
+             {"context": "And God said, Let there be", "target": " light"},
+             {"context": "To be, or not to", "target": " be"}]
+    (tasks / "words.jsonl").write_text("".join(json.dumps(w) + "\n" for w in words))
+    (tasks / "words.yaml").write_text(
+        "task: last_word\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: words.jsonl\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: context\ndoc_to_target: target\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    lm_eval_out = tmp_path / "lm_eval"
+    assert main(["eval", str(run), "--harness", "tokenmill_cloze", "--limit", "3"]) == 0
+    assert main(["eval", str(run), "--harness", "last_word", "--task-dir", str(tasks), "--limit", "2",
+                 "--num_fewshot", "1", "--log_samples", "--output_path", str(lm_eval_out)]) == 0
+    result = json.loads((run / "eval" / "harness.json").read_text())
+    assert set(result["results"]) == set(result["options"]) == {"tokenmill_cloze", "last_word"}
+    assert {task: n["effective"] for task, n in result["n-samples"].items()} == {"tokenmill_cloze": 3, "last_word": 2}
+    assert result["n-shot"] == {"tokenmill_cloze": 0, "last_word": 1}
+    assert result["options"]["last_word"] == {"task_dir": str(tasks), "backend": "tokenmill", "limit": 2,
+                                              "num_fewshot": 1, "log_samples": True, "output_path": str(lm_eval_out)}
+    samples = list(lm_eval_out.rglob("samples_last_word_*.jsonl"))
+    assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 2
+    assert "samples" not in result and len(list(lm_eval_out.rglob("results_*.json"))) == 1
+    page = (run / "report.html").read_text()
+    assert "tokenmill, 1-shot, first 2 items" in page and "tokenmill, 0-shot, first 3 items" in page
+
+    assert main(["eval", str(run), "--harness", "tokenmill_cloze", "--limit", "4"]) == 0  # replaces cloze only
+    again = json.loads((run / "eval" / "harness.json").read_text())
+    assert again["n-samples"]["tokenmill_cloze"]["effective"] == 4 and again["options"]["tokenmill_cloze"]["limit"] == 4
+    for key in ("results", "n-samples", "n-shot", "options", "versions", "higher_is_better"):
+        assert again[key]["last_word"] == result[key]["last_word"]
+    assert "last_word" in capsys.readouterr().out.rsplit("[tokenmill]", 1)[-1]  # the last table shows every kept task
+
+
+def test_harness_options_and_missing_data_fail_in_one_line(run, tmp_path, monkeypatch, capsys):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    assert main(["eval", str(run), "--harness", "lambada_openai", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmill: error: run_harness: task 'lambada_openai': its data isn't available offline")
+    assert err.count("\n") == 1
+    assert main(["eval", str(run), "--harness", "tokenmill_cloze", "--log_samples"]) == 2
+    assert "--log_samples needs --output_path" in capsys.readouterr().err
+    assert main(["eval", str(run), "--harness", "tokenmill_cloze", "--num_fewshot", "-1"]) == 2
+    assert "--num_fewshot must be 0 or more" in capsys.readouterr().err
 
 
 def test_membership_auto_matches_domains_and_writes_scores(run, capsys):
@@ -106,6 +157,7 @@ def test_bpb_from_the_export_matches_the_run(run, capsys):
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
+    RunFolder(tmp_path).stamp()
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TINY))
     assert main(["eval", str(tmp_path), "--harness"]) == 2
     assert "run folder without a model" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tokenmill import TokenmillError
 from tokenmill.documents.ingest import HeldoutConfig, choose_heldout
-from tokenmill.evaluate.harness import BUNDLED_TASKS, TokenmillLM, run_harness
+from tokenmill.evaluate.harness import BUNDLED_TASKS, TokenmillLM, merge_results, run_harness
 
 EOS = "<|endoftext|>"
 BUNDLED = ["tokenmill_cloze", "tokenmill_realcont"]
@@ -82,6 +84,74 @@ def test_bundled_tasks_run_offline_and_backends_agree(export, no_network):
         for key, value in ours_ll.items():
             assert value == pytest.approx(theirs_ll[key], abs=1e-4)
     assert ours["results"]["tokenmill_realcont"]["acc,none"] == theirs["results"]["tokenmill_realcont"]["acc,none"]
+
+
+def test_bundled_tasks_run_under_the_lm_eval_cli_from_any_folder(export, tmp_path):
+    """lm_eval's own command, started outside the tasks folder, finds the bundled tasks' data."""
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
+               "--tasks", ",".join(BUNDLED), "--include_path", str(BUNDLED_TASKS), "--limit", "2", "--device", "cpu",
+               "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert {task: n["effective"] for task, n in result["n-samples"].items()} == dict.fromkeys(BUNDLED, 2)
+    assert "acc,none" in result["results"]["tokenmill_cloze"]
+
+
+def _cache_lambada(cache: Path, texts: list[str]) -> None:
+    """Put lm_eval's registered ``lambada_openai`` data into a Hugging Face datasets cache, as a download
+    once left it."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    folder = cache / "EleutherAI___lambada_openai" / "default" / "0.0.0" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    table = datasets.Dataset.from_list([{"text": text} for text in texts])
+    with ArrowWriter(path=str(folder / "lambada_openai-test.arrow")) as writer:
+        writer.write_table(table.data.table)
+        writer.finalize()
+    split = datasets.SplitInfo("test", num_examples=len(texts), dataset_name="lambada_openai")
+    datasets.DatasetInfo(features=table.features, config_name="default", dataset_name="lambada_openai",
+                         splits=datasets.SplitDict({"test": split})).write_to_directory(str(folder))
+
+
+def test_registered_lm_eval_tasks_run_from_the_local_cache_or_say_their_data_is_missing(
+        export, tmp_path, monkeypatch, no_network):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    with pytest.raises(TokenmillError, match=r"^run_harness: task 'lambada_openai': its data isn't available "
+                                             r"offline \(.*\)$"):
+        run_harness(export, ["lambada_openai"], limit=2)
+
+    _cache_lambada(tmp_path / "cache", [line for line in demo_docs("bible", 1)[0]["text"].splitlines()
+                                        if len(line) > 40][:3])
+    result = run_harness(export, ["tokenmill_cloze", "lambada_openai"], limit=2, num_fewshot=1,
+                         output_path=tmp_path / "out")
+
+    assert {task: n["effective"] for task, n in result["n-samples"].items()} == {"tokenmill_cloze": 2,
+                                                                                 "lambada_openai": 2}
+    assert result["n-shot"] == {"tokenmill_cloze": 1, "lambada_openai": 1}
+    assert {"acc,none", "perplexity,none"} <= set(result["results"]["lambada_openai"])
+    written = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert written["results"] == json.loads(json.dumps(result["results"]))
+
+
+def test_merged_results_keep_other_tasks_and_upgrade_one_set_of_options_to_one_per_task():
+    def result(task: str, acc: float) -> dict:
+        return {"results": {task: {"acc,none": acc}}, "versions": {task: 1.0}, "n-shot": {task: 0},
+                "higher_is_better": {task: {"acc": True}}, "n-samples": {task: {"original": 9, "effective": 3}}}
+
+    older = {"options": {"tasks": ["a", "b"], "task_dir": None, "backend": "hf", "limit": 3},
+             **{key: {**result("a", 0.1)[key], **result("b", 0.2)[key]} for key in result("a", 0)}}
+    merged = merge_results(older, result("b", 0.5), {"backend": "tokenmill", "limit": None})
+
+    assert merged["results"] == {"a": {"acc,none": 0.1}, "b": {"acc,none": 0.5}}
+    assert merged["options"] == {"a": {"tasks": ["a", "b"], "task_dir": None, "backend": "hf", "limit": 3},
+                                 "b": {"backend": "tokenmill", "limit": None}}
+    assert merge_results(None, result("c", 0.3), {"limit": 1}) == {**result("c", 0.3), "options": {"c": {"limit": 1}}}
 
 
 def test_user_tasks_with_the_live_training_model(export, tmp_path, no_network):

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from tokenmill.model import Llama, ModelConfig, export_hf, import_hf
+from tokenmill.tokens.tokenizer import train_tokenizer
 
 VOCAB = 256
 EOS = 0
@@ -114,6 +115,35 @@ def test_export_hf_loads_in_transformers_with_matching_logits(tmp_path, tie):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
     assert AutoTokenizer.from_pretrained(out, local_files_only=True)("the fox")["input_ids"]
+
+
+def test_export_hf_pads_batches_with_eos_within_the_model_context(tmp_path):
+    """transformers can pad a batch of the export's tokenizer (pad = EOS, no new token) and truncate to the
+    model's context; padding leaves the real positions' logits as they are alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    torch.manual_seed(0)
+    train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300, tmp_path / "tok")  # as a run does
+    vocab = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size()
+    cfg = tiny(vocab_size=vocab, max_seq_len=64)
+    out = export_hf(Llama(cfg).eval(), cfg, tmp_path / "tok", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == hf.config.eos_token_id == EOS
+    assert GenerationConfig.from_pretrained(out, local_files_only=True).pad_token_id == EOS
+    assert len(tokenizer) == vocab and hf.get_input_embeddings().num_embeddings == cfg.padded_vocab_size
+    assert tokenizer.model_max_length == 64
+    assert len(tokenizer("the fox " * 100, truncation=True)["input_ids"]) == 64
+    texts = ["the quick brown fox", "the lazy dog jumps over the quick brown fox and the dog"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        padded = hf(**batch).logits
+        for row, text in enumerate(texts):
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            assert int(batch["attention_mask"][row].sum()) == ids.shape[1]
+            torch.testing.assert_close(padded[row, : ids.shape[1]], hf(ids).logits[0], atol=1e-5, rtol=1e-5)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # the first row was padded
 
 
 def test_import_hf_round_trip(tmp_path):

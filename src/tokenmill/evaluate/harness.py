@@ -3,8 +3,9 @@
 ``TokenmillLM`` puts lm_eval's three request types on a plain ``logits_fn(idx) -> logits [B, T, V]``,
 so the training loop can evaluate its live model, and loads a tokenmill HF export into tokenmill's
 own Llama. ``run_harness`` evaluates either that or, as a cross-check, lm_eval's ``hf`` model on the
-same export. Tasks come from YAML files whose data are local JSON Lines; a task's ``data_files`` are
-read relative to its YAML file, and the Hugging Face libraries are held offline for the whole run.
+same export. Tasks are the bundled ones, those of a folder of YAML files whose ``data_files`` are read
+relative to the YAML file, and lm_eval's registered tasks whose data are in the local Hugging Face
+cache: the Hugging Face libraries are held offline for the whole run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM, TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.loggers import EvaluationTracker
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenmill import TokenmillError
 
 BUNDLED_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
+HARNESS_KEYS = ("results", "versions", "n-shot", "higher_is_better", "n-samples")  # per task, kept in harness.json
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 # (context text, continuation text) or None for rolling windows; context tokens; continuation tokens
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -40,8 +43,9 @@ class HarnessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] = Field(["tokenmill_cloze", "tokenmill_realcont"], min_length=1,
-                             description="Task names: the bundled tokenmill_cloze and tokenmill_realcont, or "
-                                         "tasks defined by YAML files in task_dir.")
+                             description="Task names: the bundled tokenmill_cloze and tokenmill_realcont, "
+                                         "tasks defined by YAML files in task_dir, or lm_eval's registered "
+                                         "tasks whose data are in the local Hugging Face cache.")
     task_dir: str | None = Field(None, description="Folder of extra lm_eval task YAML files whose data are local "
                                                    "files (data_files paths are relative to the YAML file).")
     backend: Literal["tokenmill", "hf"] = Field("tokenmill", description="Load the export into tokenmill's own "
@@ -216,33 +220,60 @@ def run_harness(
     *,
     backend: Literal["tokenmill", "hf"] = "tokenmill",
     limit: int | None = None,
+    num_fewshot: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     log_samples: bool = False,
+    output_path: Path | None = None,
     bootstrap_iters: int = 1000,
 ) -> dict:
     """Evaluate ``model`` on ``tasks`` with lm_eval, offline; return its JSON-ready results.
 
     ``model`` is a ready lm_eval model (e.g. a ``TokenmillLM`` over the live training model) or an HF
     export folder, loaded by ``backend``: ``"tokenmill"`` (tokenmill's Llama) or ``"hf"`` (lm_eval's
-    transformers model). Tasks are the bundled ones plus those in ``task_dir``. The result holds
-    ``results`` ({task: {metric,filter: value}}), ``versions``, ``n-shot``, ``higher_is_better``,
-    ``n-samples``, and with ``log_samples`` the per-item ``samples``.
+    transformers model). Tasks are the bundled ones, those in ``task_dir`` and lm_eval's registered
+    ones; ``num_fewshot`` overrides the tasks' own. The result holds ``results`` ({task: {metric,filter:
+    value}}), ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, and with ``log_samples`` the
+    per-item ``samples``. With ``output_path``, lm_eval also writes its own result (and samples) files
+    there, as its command line does.
     """
-    task_manager = TaskManager(include_path=[BUNDLED_TASKS, *([Path(task_dir)] if task_dir else [])],
-                               include_defaults=False)
-    specs = [_task_spec(task_manager, name) for name in tasks]
+    task_manager = _task_manager(tasks, task_dir)
+    specs = [_task_spec(task_manager, name, task_dir) for name in tasks]
     if isinstance(model, LM):
         model_args = None
     else:
         model_args = _model_args(Path(model), backend)
         model = backend
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     with _offline():
-        results = simple_evaluate(model=model, model_args=model_args, tasks=specs, limit=limit,
-                                  batch_size=batch_size, device=device, task_manager=task_manager,
-                                  log_samples=log_samples, bootstrap_iters=bootstrap_iters)
-    keep = ["results", "versions", "n-shot", "higher_is_better", "n-samples"] + (["samples"] if log_samples else [])
+        loaded = [task for spec, name in zip(specs, tasks) for task in _load_task(task_manager, spec, name)]
+        results = simple_evaluate(model=model, model_args=model_args, tasks=loaded, limit=limit,
+                                  num_fewshot=num_fewshot, batch_size=batch_size, device=device,
+                                  task_manager=task_manager, log_samples=log_samples,
+                                  evaluation_tracker=tracker, bootstrap_iters=bootstrap_iters)
+    if tracker is not None:
+        samples = results.get("samples")
+        tracker.save_results_aggregated(results={k: v for k, v in results.items() if k != "samples"},
+                                        samples=samples)
+        for task in samples or {}:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    keep = [*HARNESS_KEYS, *(["samples"] if log_samples else [])]
     return {key: results[key] for key in keep}
+
+
+def merge_results(previous: dict | None, result: dict, options: dict) -> dict:
+    """``previous`` (a ``harness.json``) with the tasks of ``result`` replaced or added, each recorded with
+    the ``options`` it was run with: evaluating one task never loses another's results."""
+    merged = {key: dict((previous or {}).get(key, {})) for key in (*HARNESS_KEYS, "options")}
+    if not all(isinstance(value, dict) for value in merged["options"].values()):  # one set for all tasks: older files
+        merged["options"] = dict.fromkeys(merged["results"], merged["options"])
+    for task in result["results"]:
+        for key in merged:
+            merged[key].pop(task, None)
+        merged["options"][task] = options
+    for key in HARNESS_KEYS:
+        merged[key].update(result[key])
+    return merged
 
 
 def _load_export(path: Path, device: torch.device, max_length: int | None):
@@ -264,20 +295,41 @@ def _model_args(path: Path, backend: str) -> dict:
     return {"pretrained": str(path)} | ({"dtype": "float32"} if backend == "hf" else {})
 
 
-def _task_spec(task_manager: TaskManager, name: str) -> str | dict:
-    """A task's config with its ``data_files`` made absolute against its YAML file (lm_eval would read
-    them relative to the working directory); groups and tags pass by name."""
+def _task_manager(tasks: list[str], task_dir: Path | None) -> TaskManager:
+    """The bundled tasks and ``task_dir``'s, and lm_eval's registered ones only when a name needs them:
+    indexing those takes seconds."""
+    include = [BUNDLED_TASKS, *([Path(task_dir)] if task_dir else [])]
+    local = TaskManager(include_path=include, include_defaults=False)
+    return local if all(name in local.task_index for name in tasks) else TaskManager(include_path=include)
+
+
+def _task_spec(task_manager: TaskManager, name: str, task_dir: Path | None) -> str | dict:
+    """A ``task_dir`` task's config with its ``data_files`` made absolute against its YAML file (lm_eval
+    would read them relative to the working directory); other tasks, groups and tags pass by name."""
     entry = task_manager.task_index.get(name)
     if entry is None:
-        raise TokenmillError(f"run_harness: no task {name!r}; known tasks: {', '.join(task_manager.all_tasks)} "
-                             f"(add YAML files with task_dir)")
-    if entry.yaml_path is None or name not in task_manager.all_subtasks:
+        raise TokenmillError(f"run_harness: no task {name!r} among the bundled tasks, task_dir's and lm_eval's "
+                             f"registered ones (`lm-eval ls tasks` lists those)")
+    if (task_dir is None or entry.yaml_path is None or name not in task_manager.all_subtasks
+            or not Path(entry.yaml_path).resolve().is_relative_to(Path(task_dir).resolve())):
         return name
     config = load_yaml(entry.yaml_path, resolve_func=True)
     files = config.get("dataset_kwargs", {}).get("data_files")
     if files is not None:
         config["dataset_kwargs"]["data_files"] = _resolve(files, Path(entry.yaml_path).parent)
     return config
+
+
+def _load_task(task_manager: TaskManager, spec: str | dict, name: str) -> list:
+    """The task, group or tagged tasks ``spec`` names, its data loaded; a dataset neither local nor in the
+    Hugging Face cache is an error naming the task."""
+    try:
+        loaded = task_manager.load(spec)
+    except (ConnectionError, FileNotFoundError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TokenmillError(f"run_harness: task {name!r}: its data isn't available offline ({reason})") from None
+    top = loaded["groups"].get(name, loaded["tasks"].get(name))
+    return list(loaded["tasks"].values()) if top is None else [top]
 
 
 def _resolve(files, base: Path):

@@ -25,7 +25,13 @@ def _hf_key(name: str) -> str:
 
 def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
     """Write ``out_dir`` loadable by ``AutoModelForCausalLM.from_pretrained`` offline: config.json,
-    generation_config.json, model.safetensors (fp32, padded vocabulary) and the tokenizer files."""
+    generation_config.json, model.safetensors (fp32, padded vocabulary) and the tokenizer files.
+
+    The tokenizer gets EOS as its pad token and the model's context as ``model_max_length``, so batch
+    padding and truncation work in ``transformers``. ``pad_token_id`` goes in generation_config.json only:
+    in config.json it would become the embedding's ``padding_idx`` and freeze EOS's row in fine-tuning.
+    """
+    from tokenizers import Tokenizer
     from transformers import GenerationConfig, LlamaConfig
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
@@ -49,7 +55,7 @@ def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path
     )
     hf_config.architectures = ["LlamaForCausalLM"]
     hf_config.save_pretrained(out_dir)
-    GenerationConfig(eos_token_id=cfg.eos_id).save_pretrained(out_dir)
+    GenerationConfig(eos_token_id=cfg.eos_id, pad_token_id=cfg.eos_id).save_pretrained(out_dir)
 
     state = {
         _hf_key(k): v.detach().to("cpu", torch.float32).contiguous()
@@ -61,10 +67,12 @@ def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, out_dir / f.name)
-    if not (out_dir / "tokenizer_config.json").exists():
-        (out_dir / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
-        )
+    config_path = out_dir / "tokenizer_config.json"
+    config = (json.loads(config_path.read_text()) if config_path.exists()
+              else {"tokenizer_class": "PreTrainedTokenizerFast"})
+    eos = Tokenizer.from_file(str(out_dir / "tokenizer.json")).id_to_token(cfg.eos_id)
+    config.update(eos_token=eos, pad_token=eos, model_max_length=cfg.max_seq_len)
+    config_path.write_text(json.dumps(config, indent=2))
     return out_dir
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from tokenmill.files import read_json
-from tokenmill.report.page import cell, not_run, png, table, write_page
+from tokenmill.report.page import not_run, png, table, write_page
 from tokenmill.runfolder import BpbResult, RunFolder, StepStats, harness_rows, membership_source
 
 
@@ -185,15 +185,21 @@ def _bits_per_byte(bpb: BpbResult | None) -> str:
 
 
 def _harness(result: dict | None) -> str:
+    """Every task's metrics with the options it was run with (tasks may come from separate runs)."""
     if result is None:
         return ""
-    options = result.get("options", {})
-    limit = f", first {options['limit']} items per task" if options.get("limit") else ""
-    rows = [(task, metric, value, stderr, "higher" if hib else "lower" if hib is not None else "–")
+
+    def run_with(task: str) -> str:
+        options = result.get("options", {})
+        options = options.get(task, options)  # files written before options were kept per task hold one set
+        shots = result.get("n-shot", {}).get(task)
+        return ", ".join([str(options.get("backend", "tokenmill")), *([f"{shots}-shot"] if shots is not None else []),
+                          *([f"first {options['limit']} items"] if options.get("limit") else [])])
+
+    rows = [(task, metric, value, stderr, "higher" if hib else "lower" if hib is not None else "–", run_with(task))
             for task, metric, value, stderr, hib in harness_rows(result)]
-    return (f"<h3>lm-evaluation-harness</h3><p>Tasks run on the exported model (backend "
-            f"{escape(str(options.get('backend', 'tokenmill')))}{escape(limit)}).</p>"
-            + table(["task", "metric", "value", "± stderr", "better"], rows))
+    return ("<h3>lm-evaluation-harness</h3><p>Tasks run on the exported model.</p>"
+            + table(["task", "metric", "value", "± stderr", "better", "run with"], rows))
 
 
 def _membership(result: dict | None) -> str:
