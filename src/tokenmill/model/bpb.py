@@ -14,6 +14,7 @@ token after the first window is predicted with at least ``seq_len - stride`` tok
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tokenmill import TokenmillError
 
@@ -36,6 +38,7 @@ def bits_per_byte(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     max_docs_per_domain: int | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Score ``docs`` (columns ``text``, ``domain``) with ``model(idx) -> logits [B, T, V]``.
 
@@ -44,15 +47,23 @@ def bits_per_byte(
     unweighted mean over domains, so a small domain counts as much as a large one. Empty documents carry
     nothing to score and are skipped; the first ``max_docs_per_domain`` documents of each domain (in
     table order) are kept.
+
+    ``progress``: True draws a passing bar over the windows; False prints a start and a finish line
+    (logs without a terminal); None, for library calls and the training loop (which prints its own
+    line), says nothing.
     """
     _check_arguments(tokenizer, docs, seq_len, batch_size, max_docs_per_domain)
+    t0 = time.perf_counter()
     docs = _nonempty_docs(docs, max_docs_per_domain)
+    if progress is False:
+        print(f"bpb: scoring {docs.num_rows:,} documents with seq_len {seq_len}", flush=True)
     texts = docs.column("text").to_pylist()
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     eos = tokenizer.eos_token_id
     token_ids = [np.array([eos, *ids], dtype=np.int64) for ids in encoded]
 
-    nll_bits = _score_documents(model, token_ids, seq_len, batch_size, torch.device(device), pad_id=eos)
+    nll_bits = _score_documents(model, token_ids, seq_len, batch_size, torch.device(device), pad_id=eos,
+                                progress=progress is True)
     doc_bytes = pc.binary_length(docs.column("text")).to_numpy().astype(np.int64)
     doc_tokens = np.array([len(ids) for ids in encoded], dtype=np.int64)
     domains = np.array(docs.column("domain").to_pylist(), dtype=object)
@@ -61,9 +72,13 @@ def bits_per_byte(
         d: _stats(nll_bits[domains == d], doc_bytes[domains == d], doc_tokens[domains == d])
         for d in sorted(set(domains))
     }
+    overall = _stats(nll_bits, doc_bytes, doc_tokens)
+    if progress is False:
+        print(f"bpb: {overall['bpb']:.4f} over {overall['docs']:,} documents ({overall['bytes']:,} bytes, "
+              f"{overall['tokens']:,} tokens) in {time.perf_counter() - t0:.1f}s", flush=True)
     return {
         "domains": per_domain,
-        "overall": _stats(nll_bits, doc_bytes, doc_tokens),
+        "overall": overall,
         "macro_bpb": float(np.mean([s["bpb"] for s in per_domain.values()])),
     }
 
@@ -113,7 +128,8 @@ def _windows(n_targets: int, seq_len: int) -> list[tuple[int, int, int]]:
 
 
 def _score_documents(
-    model: Model, token_ids: list[np.ndarray], seq_len: int, batch_size: int, device: torch.device, pad_id: int
+    model: Model, token_ids: list[np.ndarray], seq_len: int, batch_size: int, device: torch.device, pad_id: int,
+    progress: bool,
 ) -> np.ndarray:
     """Total negative log₂-likelihood of each document's text tokens, windows batched longest first."""
     windows = [(doc, *w) for doc, ids in enumerate(token_ids) for w in _windows(len(ids) - 1, seq_len)]
@@ -123,12 +139,14 @@ def _score_documents(
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), tqdm(total=len(windows), desc="bpb", unit="window", leave=False,
+                                          disable=not progress) as bar:
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
                 inputs, targets = _batch_tensors(batch, token_ids, pad_id)
                 bits = _window_bits(model, inputs.to(device), targets.to(device))
                 np.add.at(nll_bits, [w[0] for w in batch], bits)
+                bar.update(len(batch))
     finally:
         if was_training:
             model.train()

@@ -9,6 +9,7 @@ separator the model learns.
 from __future__ import annotations
 
 import json
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -46,24 +47,42 @@ class TokenizerConfig(BaseModel):
 
 
 def prepare_tokenizer(
-    config: TokenizerConfig, texts: Iterable[str], out_dir: Path
+    config: TokenizerConfig, texts: Iterable[str], out_dir: Path, *, progress: bool | None = None
 ) -> PreTrainedTokenizerFast:
     """Load ``config.path`` or train on ``texts`` within the caps; either way save it to ``out_dir``.
 
     Saving a loaded tokenizer too keeps the run folder self-contained for export and evaluation.
+    ``progress`` is training's (see ``train_tokenizer``); loading is quick and says nothing.
     """
     if config.path is not None:
         tokenizer = load_tokenizer(config.path)
         tokenizer.save_pretrained(out_dir)
         return tokenizer
     sample = _capped(texts, config.max_train_docs, config.max_train_bytes)
-    return train_tokenizer(sample, config.vocab_size, out_dir, min_frequency=config.min_frequency)
+    return train_tokenizer(sample, config.vocab_size, out_dir, min_frequency=config.min_frequency,
+                           progress=progress)
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: Path, *, min_frequency: int = 2
+    texts: Iterable[str], vocab_size: int, out_dir: Path, *, min_frequency: int = 2,
+    progress: bool | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train byte-level BPE on ``texts`` and save it to ``out_dir`` as a Hugging Face tokenizer."""
+    """Train byte-level BPE on ``texts`` and save it to ``out_dir`` as a Hugging Face tokenizer.
+
+    ``progress``: True shows the trainer's own bars; False prints a start and a finish line (logs
+    without a terminal); None, for library calls, says nothing.
+    """
+    t0 = time.perf_counter()
+    if progress is False:
+        print(f"tokenizer: training byte-level BPE, vocab_size {vocab_size:,}", flush=True)
+    read = {"docs": 0, "bytes": 0}
+
+    def counted() -> Iterator[str]:
+        for text in texts:
+            read["docs"] += 1
+            read["bytes"] += len(text.encode())
+            yield text
+
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -72,15 +91,18 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress is True,
     )
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator(counted(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
     tokenizer.save_pretrained(out_dir)
     # transformers 5 records its internal class name; the public alias also loads with transformers 4.
     config_path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    if progress is False:
+        print(f"tokenizer: {len(tokenizer):,} tokens from {read['docs']:,} documents ({read['bytes']:,} bytes) "
+              f"in {time.perf_counter() - t0:.1f}s", flush=True)
     return tokenizer
 
 

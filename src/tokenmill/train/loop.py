@@ -8,7 +8,7 @@ and gradient norm over the steps since the previous line.
 
 Under ``torchrun`` every rank runs this same function: each reads its rows of the global batch (so
 the run sees exactly the sequences a single process would), FSDP2 shards the model, and rank 0 alone
-writes metrics. Evaluations run on every rank, as sharded forwards need all of them.
+writes metrics (and their console lines). Evaluations run on every rank, as sharded forwards need all of them.
 
 A run is built once (``_setup`` returns a ``_Run``: model, optimizer, data, precision, metrics sink);
 ``_loop`` then drives ``_train_step`` (whose objective is ``_sequence_losses``), ``_log_train``,
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, prune
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.device import peak_flops, peak_memory_gib, resolve_device, uses_bf16
 from tokenmill.train.distributed import Distributed, setup_distributed
-from tokenmill.train.metrics import MetricsSink
+from tokenmill.train.metrics import MetricsSink, console_line, say
 from tokenmill.train.optim import build_adamw
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
@@ -50,17 +50,22 @@ def validation_loss(
     cfg: TrainConfig,
     device: torch.device,
     bf16: bool,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Mean next-token loss per domain over fixed windows; ``val_loss`` averages over all windows."""
+    """Mean next-token loss per domain over fixed windows; ``val_loss`` averages over all windows.
+    ``progress`` draws a passing bar over the micro-batches (the final validation can take a while)."""
     model.eval()
     sums = {}
-    for domain, (x, y) in windows.items():
-        total = torch.zeros((), device=device)
-        for xb, yb in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, loss = model(xb.to(device), yb.to(device), doc_mask=cfg.doc_mask)
-            total += loss * len(xb)
-        sums[domain] = total.item()
+    n_batches = sum(math.ceil(len(x) / cfg.micro_batch_size) for x, _ in windows.values())
+    with tqdm(total=n_batches, desc="val", unit="batch", leave=False, disable=not progress) as bar:
+        for domain, (x, y) in windows.items():
+            total = torch.zeros((), device=device)
+            for xb, yb in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    _, loss = model(xb.to(device), yb.to(device), doc_mask=cfg.doc_mask)
+                total += loss * len(xb)
+                bar.update()
+            sums[domain] = total.item()
     model.train()
     counts = {domain: len(x) for domain, (x, _) in windows.items()}
     result = {f"val_loss/{d}": total / counts[d] for d, total in sums.items()}
@@ -103,13 +108,16 @@ def _resume_loader(loader: TokenLoader, saved: dict[str, Any]) -> None:
                             "global_batch": per_batch})
 
 
-def _bits_per_byte(model: Llama, tokenizer, docs: pa.Table, cfg: TrainConfig, device, bf16: bool) -> dict:
-    """In-loop bits per byte per domain on (a capped number of) held-out documents."""
+def _bits_per_byte(model: Llama, tokenizer, docs: pa.Table, cfg: TrainConfig, device, bf16: bool,
+                   progress: bool) -> dict:
+    """In-loop bits per byte per domain on (a capped number of) held-out documents; a bar with
+    ``progress``, else silent (the loop prints the result's line)."""
     from tokenmill.model.bpb import bits_per_byte
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         result = bits_per_byte(model, tokenizer, docs, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size,
-                               device=device, max_docs_per_domain=cfg.bpb_docs_per_domain)
+                               device=device, max_docs_per_domain=cfg.bpb_docs_per_domain,
+                               progress=True if progress else None)
     return {**{f"bpb/{d}": s["bpb"] for d, s in result["domains"].items()}, "bpb": result["overall"]["bpb"]}
 
 
@@ -132,6 +140,9 @@ def train(
     ``bpb_docs`` (held-out documents: ``text``, ``domain``) and ``tokenizer_dir`` feed the in-loop
     bits per byte of ``cfg.bpb_every``. Under ``torchrun`` every rank calls this; it joins the
     process group (or uses the one already initialised). Returns a summary of the run.
+
+    Rank 0 prints a line to stdout at every metrics record (training, validation, bits per byte) and on
+    resume, whatever ``progress`` is: logs of runs without a terminal need them. ``progress`` adds bars.
     """
     if cfg.seq_len > model_cfg.max_seq_len:
         raise TokenmillError(
@@ -180,6 +191,7 @@ class _Run:
     flops_per_token: float
     peak: float | None  # the device's peak FLOP/s, for MFU
     start_step: int
+    resumed_from: Path | None  # the checkpoint this run continues, if any
     elapsed_s: float  # training time before this process started: the resumed checkpoint's
     sink: MetricsSink | None  # rank 0 only
     last_train: dict[str, Any]  # the newest training and validation records, for the summary
@@ -195,9 +207,11 @@ class _Run:
     def record(self, step: int, **values: Any) -> dict[str, Any]:
         return {"step": step, "tokens": step * self.cfg.global_batch_tokens, **values}
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], *, eta_s: float | None = None, seconds: float | None = None) -> None:
+        """To the sink and, as a line, to the console (rank 0 only, as both are)."""
         if self.sink is not None:
             self.sink.write(record)
+            say(console_line(record, self.cfg.max_steps, eta_s=eta_s, seconds=seconds))
 
 
 def _setup(
@@ -266,7 +280,7 @@ def _setup(
         loader=loader, batches=iter(loader), accum=cfg.grad_accum_steps(job.world_size), bf16=bf16,
         interval=_Interval(len(loader.domains), device), windows=windows, bpb_docs=bpb_docs,
         tokenizer=tokenizer, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device, bf16),
-        start_step=state["step"], elapsed_s=state["elapsed_s"], sink=sink,
+        start_step=state["step"], resumed_from=resume_from, elapsed_s=state["elapsed_s"], sink=sink,
         last_train=next((r for r in reversed(history) if "loss" in r), {}),
         last_val=next((r for r in reversed(history) if "val_loss" in r), {}),
     )
@@ -278,7 +292,7 @@ class _Clock:
 
     def __init__(self, step: int, elapsed_before: float):
         self.start = self.mark = time.perf_counter()
-        self.mark_step = step
+        self.start_step = self.mark_step = step
         self.before = elapsed_before
 
     def lap(self, step: int, tokens_per_step: int) -> tuple[float, float]:
@@ -289,6 +303,10 @@ class _Clock:
     def elapsed_s(self) -> float:
         return self.before + time.perf_counter() - self.start
 
+    def eta_s(self, step: int, max_steps: int) -> float:
+        """Seconds left at this process's pace so far, evaluations and checkpoints included."""
+        return (time.perf_counter() - self.start) / (step - self.start_step) * (max_steps - step)
+
     def restart(self, step: int) -> None:
         self.mark, self.mark_step = time.perf_counter(), step
 
@@ -298,9 +316,11 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
     their cadence; returns the summary."""
     cfg = run.cfg
     step = run.start_step
+    bars = progress and run.job.is_main
+    if run.resumed_from is not None and run.job.is_main:
+        say(f"resuming from step {step} (checkpoint {run.resumed_from})")
     clock = _Clock(step, run.elapsed_s)
-    with tqdm(total=cfg.max_steps, initial=step, disable=not (progress and run.job.is_main), unit="step",
-              desc="train") as bar:
+    with tqdm(total=cfg.max_steps, initial=step, disable=not bars, unit="step", desc="train") as bar:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             try:
                 _train_step(run, step)
@@ -320,15 +340,23 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
             _log_train(run, step, clock)
             bar.set_postfix(loss=f"{run.last_train['loss']:.3f}", lr=f"{run.last_train['lr']:.2e}")
             if do_eval:
-                run.last_val = run.record(step, **validation_loss(run.model, run.windows, cfg, run.device, run.bf16))
-                run.write(run.last_val)
+                run.last_val = _evaluate(run, step, lambda: validation_loss(run.model, run.windows, cfg, run.device,
+                                                                            run.bf16, bars))
             if do_bpb:
-                run.write(run.record(step, **_bits_per_byte(run.model, run.tokenizer, run.bpb_docs, cfg,
-                                                            run.device, run.bf16)))
+                _evaluate(run, step, lambda: _bits_per_byte(run.model, run.tokenizer, run.bpb_docs, cfg, run.device,
+                                                            run.bf16, bars))
             if do_ckpt:
                 _save(run, step, clock.elapsed_s())
             clock.restart(step)  # eval and checkpoint time is not throughput
     return _summary(run, step, clock.elapsed_s())
+
+
+def _evaluate(run: _Run, step: int, evaluation: Callable[[], dict[str, float]]) -> dict[str, Any]:
+    """Run one evaluation and write its record, with the seconds it took on its console line."""
+    t0 = time.perf_counter()
+    record = run.record(step, **evaluation())
+    run.write(record, seconds=time.perf_counter() - t0)
+    return record
 
 
 def _summary(run: _Run, step: int, seconds: float) -> dict[str, Any]:
@@ -378,7 +406,7 @@ def _sequence_losses(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def _log_train(run: _Run, step: int, clock: _Clock) -> None:
     """Read the interval back from the device (reduced over ranks), refuse a non-finite step, and write
-    the metric line."""
+    the metric line and its console line."""
     losses, norms, domain_loss, domain_seqs = run.interval.read(run.job)
     for i, (loss, norm) in enumerate(zip(losses, norms)):
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -401,7 +429,7 @@ def _log_train(run: _Run, step: int, clock: _Clock) -> None:
         elapsed_s=elapsed_s,
         **per_domain,
     )
-    run.write(run.last_train)
+    run.write(run.last_train, eta_s=clock.eta_s(step, run.cfg.max_steps))
 
 
 def _save(run: _Run, step: int, elapsed_s: float) -> None:

@@ -1,13 +1,17 @@
 """Where training metrics go: ``metrics.jsonl`` always (the report reads it), TensorBoard and Weights &
-Biases when the config asks. Both are optional packages, imported only when enabled and checked
-before the first step, so a missing one fails the run at once with what to install."""
+Biases when the config asks, and a line on the console. Both trackers are optional packages, imported
+only when enabled and checked before the first step, so a missing one fails the run at once with what
+to install. A record becomes its console line here only (``console_line``), printed by ``say``."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from tokenmill import TokenmillError
 from tokenmill.train.config import TrainConfig
@@ -81,3 +85,45 @@ class MetricsSink:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def say(line: str) -> None:
+    """Print to stdout through tqdm, so an open progress bar is redrawn below the line instead of broken,
+    and flush, so CI, Slurm and Ray logs show it at once."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def console_line(record: dict[str, Any], max_steps: int, *, eta_s: float | None = None,
+                 seconds: float | None = None) -> str:
+    """One metrics record as a console line: training (loss, gradient norm, lr, throughput, MFU when
+    known, ETA), validation loss or bits per byte, each overall then per domain, and the seconds the
+    evaluation took."""
+    parts = [f"step {record['step']}/{max_steps}"]
+    if "loss" in record:
+        parts += [f"loss {record['loss']:.4f}", f"gnorm {record['grad_norm']:.3f}", f"lr {record['lr']:.2e}",
+                  f"{_count(record['tokens_per_s'])} tok/s"]
+        if record["mfu"] is not None:
+            parts.append(f"mfu {record['mfu']:.1%}")
+    for key in ("val_loss", "bpb"):
+        if key in record:
+            domains = " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith(key + "/"))
+            parts.append(f"{key} {record[key]:.4f}" + (f" ({domains})" if domains else ""))
+    if eta_s is not None:
+        parts.append(f"eta {_duration(eta_s)}")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f}s")
+    return " | ".join(parts)
+
+
+def _count(n: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
