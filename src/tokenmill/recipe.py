@@ -2,20 +2,27 @@
 
 The schema is composed from each stage's own config model, so a field is documented once, where it
 is used. ``load_recipe`` applies ``--set a.b=c`` overrides and reports *every* error at once, each
-with its field path and what is allowed.
+with its field path, what is allowed and, for a misspelt name, the nearest valid one. With
+``preflight`` it also reports what would fail only once running: sources that match no file, a
+warm-up as long as training, options whose optional package is not installed.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from tokenmill import TokenmillError
 from tokenmill.documents.ingest import HeldoutConfig
-from tokenmill.documents.readers import SourceConfig
+from tokenmill.documents.readers import SourceConfig, resolve_paths
 from tokenmill.model.llama import ModelConfig
 from tokenmill.steps import STEPS
 from tokenmill.tokens.tokenizer import TokenizerConfig
@@ -42,7 +49,8 @@ class CurateConfig(_Strict):
     keep_rejected: bool = Field(True, description="Keep removed documents under <step>/rejected/ for "
                                                   "inspection (counts are always kept).")
     steps: list[StepConfig] = Field(default_factory=list, description="Curation steps, run in order. "
-                                    f"Available: {', '.join(sorted(STEPS))}.")
+                                    f"Available: {', '.join(sorted(STEPS))} "
+                                    "(`tokenmill steps NAME` lists one's parameters).")
 
 
 class EvalConfig(_Strict):
@@ -114,23 +122,107 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: {err.error_count()} error(s) in the recipe"]
-    for e in err.errors():
+def format_errors(errors: list[dict], origin: str) -> str:
+    """One line per error (pydantic's, or a preflight check's without ``input``), with its field path."""
+    lines = [f"{origin}: {len(errors)} error(s) in the recipe"]
+    for e in errors:
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"  {path}: {e['msg']}{shown}")
+        shown = "" if "input" not in e or isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {path}: {e['msg']}{shown}{_did_you_mean(e)}")
     return "\n".join(lines)
 
 
-def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+def _did_you_mean(error: dict) -> str:
+    """The nearest valid name for a misspelt step (a tag of a tagged union) or field (an extra input)."""
+    if error.get("type") == "union_tag_invalid":
+        word, names = str(error["ctx"]["tag"]), re.findall(r"'([^']*)'", error["ctx"]["expected_tags"])
+    elif error.get("type") == "extra_forbidden":
+        model = _model_at(error["loc"][:-1])
+        word, names = str(error["loc"][-1]), list(model.model_fields) if model else []
+    else:
+        return ""
+    close = difflib.get_close_matches(word, names, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model whose fields sit at ``loc`` of a recipe, stepping through list indices and step tags."""
+    tp: Any = Recipe
+    for key in loc:
+        tp = _child(tp, key)
+    while get_origin(tp) in (Annotated, Union, types.UnionType):  # an optional section: its model
+        tp = next((a for a in get_args(tp) if is_model(a) or get_origin(a)), None)
+    return tp if is_model(tp) else None
+
+
+def _child(tp: Any, key: str | int, discriminator: str | None = None) -> Any:
+    """The type found at ``key`` inside ``tp`` (None when the path leaves the schema)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        tags = [m.discriminator for m in args[1:] if isinstance(m, FieldInfo) and m.discriminator]
+        return _child(args[0], key, tags[0] if tags else None)
+    if origin in (Union, types.UnionType):
+        if discriminator:
+            return next((a for a in args if is_model(a) and key in get_args(a.model_fields[discriminator].annotation)),
+                        None)
+        return next((c for c in (_child(a, key) for a in args) if c is not None), None)
+    if origin is list and isinstance(key, int):
+        return args[0]
+    if origin is dict and isinstance(key, str):
+        return args[1]
+    if is_model(tp) and key in tp.model_fields:
+        return tp.model_fields[key].annotation
+    return None
+
+
+def preflight_errors(data: dict) -> list[dict]:
+    """What the schema allows but a run would trip over later: a source matching no file (paths are
+    expanded, no file is read), a warm-up that lasts the whole run, an option whose optional package
+    is missing (looked up, never imported). Each section is checked only where it is itself valid, so
+    these errors come beside the schema's, not instead of them."""
+    errors = []
+    for i, src in enumerate(data.get("sources") if isinstance(data.get("sources"), list) else []):
+        try:
+            resolve_paths(SourceConfig.model_validate(src).path)
+        except ValidationError:
+            pass
+        except TokenmillError as err:
+            errors.append({"loc": ("sources", i, "path"), "msg": str(err)})
+    try:
+        train = TrainConfig.model_validate(data.get("train") or {})
+    except (ValidationError, TokenmillError):
+        train = None
+    if train and train.warmup_steps >= train.max_steps:
+        errors.append({"loc": ("train", "warmup_steps"),
+                       "msg": f"{train.warmup_steps} is not below train.max_steps ({train.max_steps}): the warm-up "
+                              f"would take the whole run; lower warmup_steps or raise max_steps"})
+    curate = data.get("curate") if isinstance(data.get("curate"), dict) else {}
+    for loc, wanted, package, install in (
+            (("train", "tensorboard"), train and train.tensorboard, "tensorboard", "pip install tensorboard"),
+            (("train", "wandb"), train and train.wandb, "wandb", "pip install wandb"),
+            (("curate", "executor"), curate.get("executor") == "ray", "ray", "pip install 'tokenmill[ray]'")):
+        if wanted and importlib.util.find_spec(package) is None:
+            errors.append({"loc": loc, "msg": f"needs the {package} package, which is not installed: {install}, "
+                                              f"or turn this option off"})
+    return errors
+
+
+def parse_recipe(data: Any, origin: str = "recipe", *, preflight: bool = False) -> Recipe:
     if not isinstance(data, dict):
         raise TokenmillError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    errors = preflight_errors(data) if preflight else []
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise TokenmillError(format_errors(err, origin)) from None
+        raise TokenmillError(format_errors(err.errors() + errors, origin)) from None
+    if errors:
+        raise TokenmillError(format_errors(errors, origin))
+    return recipe
 
 
 def read_yaml(path: Path) -> Any:
@@ -142,9 +234,11 @@ def read_yaml(path: Path) -> Any:
         raise TokenmillError(f"{path}: not valid YAML: {err}") from None
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: Path, overrides: list[str] | None = None, *, preflight: bool = False) -> Recipe:
     """Read, override and validate a recipe. Relative paths (sources, tokenizer, init checkpoint) are
-    made absolute from the recipe's folder, so the resolved recipe in the run folder works from anywhere."""
+    made absolute from the recipe's folder, so the resolved recipe in the run folder works from anywhere.
+    ``preflight`` (the CLI's run and validate) adds ``preflight_errors``; off for a run folder's own
+    recipe, whose sources may be gone once read."""
     path = Path(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
@@ -160,7 +254,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     curate = data.get("curate")
     if isinstance(curate, dict) and isinstance(curate.get("steps"), list):
         _absolute_step_paths(curate["steps"], path.parent)
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, str(path), preflight=preflight)
 
 
 def _absolute_step_paths(node: Any, base: Path) -> None:

@@ -28,21 +28,31 @@ def step_folders(run_dir: Path) -> list[StepFolder]:
 
 
 def funnel_table(run_dir: Path) -> str:
+    """One row per step; the read stage's held-out documents have their own column, so that every row
+    reads in = kept + removed + held out."""
     rows = []
     for d in step_folders(run_dir):
         s = d.read_stats()
         reasons = sorted(s.removed.items(), key=lambda kv: -kv[1])[:3]
-        rows.append((d.name, s.input_docs, s.kept_docs, s.removed_docs, f"{s.kept_bytes / 1e6:.2f}",
-                     ", ".join(f"{k} {v}" for k, v in reasons) or "-"))
-    return text_table(["step", "in docs", "kept", "removed", "kept MB", "top reasons"], rows)
+        rows.append((d.name, s.input_docs, s.kept_docs, s.removed_docs, s.counters.get("heldout_docs"),
+                     f"{s.kept_bytes / 1e6:.2f}", ", ".join(f"{k} {v}" for k, v in reasons) or "-"))
+    return text_table(["step", "in docs", "kept", "removed", "held out", "kept MB", "top reasons"], rows)
 
 
 def _find_step(run_dir: Path, name: str) -> StepFolder:
+    """A step by folder name, step name or number (``3``: curate/03-*; ``0``: the read stage)."""
     steps = step_folders(run_dir)
     for d in steps:
-        if name in (d.name, d.name.split("-", 1)[-1]):
+        if name in (d.name, d.name.split("-", 1)[-1]) or (name.isdigit() and int(name) == _number(d)):
             return d
-    raise TokenmillError(f"no completed step {name!r} in {run_dir}; steps: {', '.join(d.name for d in steps)}")
+    raise TokenmillError(f"no completed step {name!r} in {run_dir}; steps: "
+                         f"{', '.join(f'{_number(d)} {d.name}' for d in steps)}")
+
+
+def _number(step: StepFolder) -> int:
+    """``NN`` of curate/NN-STEP; 0 for the read stage."""
+    prefix = step.name.split("-", 1)[0]
+    return int(prefix) if prefix.isdigit() else 0
 
 
 def _snippet(text: str, chars: int) -> str:
@@ -60,7 +70,9 @@ def inspect_step(run_dir: Path, name: str, samples: int = 3, reason: str | None 
     d = _find_step(run_dir, name)
     rng = random.Random(seed)
     stats = d.read_stats()
-    out = [f"== {d.name}: {stats.input_docs} in, {stats.kept_docs} kept, {stats.removed_docs} removed"]
+    heldout = stats.counters.get("heldout_docs")
+    out = [f"== {d.name}: {stats.input_docs} in, {stats.kept_docs} kept, {stats.removed_docs} removed"
+           + (f", {heldout} held out" if heldout is not None else "")]
     if stats.counters:
         out.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
     kept_shards = list_shards(d.documents)

@@ -41,7 +41,9 @@ class LengthFilterParams(StepParams):
 
 
 class LengthFilter(FilterStep):
-    """Reasons, checked in this order: too_short_chars, too_long_chars, too_few_words, too_many_words."""
+    """Remove documents outside character and word-count bounds.
+
+    Reasons, checked in this order: too_short_chars, too_long_chars, too_few_words, too_many_words."""
 
     Params = LengthFilterParams
 
