@@ -219,3 +219,26 @@ def test_classifier_bad_inputs_fail_clearly(tmp_path):
     model = train_fasttext(["in the beginning"] * 10, ["import os"] * 10)
     with pytest.raises(TokenmillError, match="no label '__label__hq'"):
         fasttext_scores(model, ["text"], "__label__hq")
+
+
+def test_fasttext_that_diverges_is_retrained_at_a_lower_rate_or_refused(monkeypatch, capsys):
+    import fasttext
+
+    real, rates = fasttext.train_supervised, []
+
+    def diverges_above(limit):
+        def train(path, lr, **kwargs):
+            rates.append(lr)
+            if lr > limit:
+                raise RuntimeError("Encountered NaN.")
+            return real(path, lr=lr, **kwargs)
+        return train
+
+    texts = [d["text"] for d in demo_docs("bible", 12)], [d["text"] for d in demo_docs("python_docs", 12)]
+    monkeypatch.setattr(fasttext, "train_supervised", diverges_above(0.5))
+    model = train_fasttext(*texts, lr=1.0)
+    assert rates == [1.0, 0.25] and "trained at lr=0.25 instead" in capsys.readouterr().out
+    assert fasttext_scores(model, texts[0][:2]).shape == (2,)
+    monkeypatch.setattr(fasttext, "train_supervised", diverges_above(0.0))
+    with pytest.raises(TokenmillError, match="diverged .* at lr=1.0, 0.25 and 0.0625"):
+        train_fasttext(*texts, lr=1.0)

@@ -55,14 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=_positive_int, help="start N processes on this node with torchrun")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("validate", help="check a recipe and report every error at once")
+    p = sub.add_parser("export", help="export a checkpoint of a run in Hugging Face format",
+                       description="Write a checkpoint of RUN (default: the last) as a Hugging Face Llama folder "
+                                   "that AutoModelForCausalLM loads; tokenmill_export.json in it records the step "
+                                   "and the training stage's fingerprint.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--step", type=_positive_int, help="checkpoint step (default: the last one kept)")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/model for the last checkpoint, "
+                                            "RUN/exports/step-N for --step N)")
+
+    p = sub.add_parser("validate", help="check a recipe and report every error at once",
+                       description="Check a recipe: the schema, and what would fail only once running (sources "
+                                   "that match no file, a warm-up as long as training, options whose optional "
+                                   "package is not installed).")
     p.add_argument("recipe", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    p = sub.add_parser("steps", help="list the curation and selection steps, or one step's parameters")
+    p.add_argument("name", nargs="?", help="a step: its parameters, types, defaults and descriptions")
+
+    p = sub.add_parser("init", help="write a commented starter recipe for a data path",
+                       description="Write a starter recipe for DATA_PATH (a file, folder or glob): its format "
+                                   "and fields, common curation steps, a small model. Never overwrites a file.")
+    p.add_argument("data", metavar="DATA_PATH", help="the documents: a file, a folder or a glob")
+    p.add_argument("--out", type=Path, default=Path("recipe.yaml"), help="recipe to write (default: recipe.yaml)")
+
     p = sub.add_parser("inspect", help="show what curation kept and removed, with samples per reason")
     p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--step", help="a step folder name (e.g. 03-gopher_quality) or step name; "
-                                  "without it, the funnel of every step")
+    p.add_argument("--step", help="a step number (3 = curate/03-*, 0 = the read stage), folder name (e.g. "
+                                  "03-gopher_quality) or step name (read: the read stage); without it, the "
+                                  "funnel of every step")
     p.add_argument("--reason", help="only samples removed for this reason")
     p.add_argument("--samples", type=int, default=3, help="documents shown per group (default 3)")
     p.add_argument("--chars", type=int, default=300, help="characters shown per document (default 300)")
@@ -75,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--harness", nargs="?", const="", metavar="TASK[,TASK]",
                    help="lm-evaluation-harness tasks (without a value: the bundled tokenmill_cloze and "
-                        "tokenmill_realcont); writes eval/harness.json")
+                        "tokenmill_realcont; also lm_eval's own tasks whose data are in the local Hugging Face "
+                        "cache); adds them to eval/harness.json, replacing earlier results of the same tasks")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, metavar="K",
+                   help="few-shot examples per item, overriding the tasks' own")
+    p.add_argument("--output-path", "--output_path", type=Path, metavar="DIR",
+                   help="also write lm-evaluation-harness's own result files into DIR")
+    p.add_argument("--log-samples", "--log_samples", action="store_true",
+                   help="write every item's prompt, response and score into --output_path")
     p.add_argument("--task-dir", type=Path, metavar="DIR", help="folder of extra task YAML files with local data")
     p.add_argument("--backend", choices=["tokenmill", "hf"], default="tokenmill",
                    help="load the model into tokenmill's Llama (default) or lm_eval's transformers model")
@@ -115,11 +144,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     evals.model_dir(args.run)
     with RunFolder(args.run).lock():
         if args.bpb:
-            print(evals.bpb_table(evals.eval_bpb(args.run)))
+            print(evals.bpb_table(evals.eval_bpb(args.run, progress=False)))
         if args.harness is not None:
             tasks = [t for t in args.harness.split(",") if t] or None
-            print(evals.harness_table(evals.eval_harness(args.run, tasks, task_dir=args.task_dir,
-                                                         backend=args.backend, limit=args.limit)))
+            print(evals.harness_table(evals.eval_harness(
+                args.run, tasks, task_dir=args.task_dir, backend=args.backend, limit=args.limit,
+                num_fewshot=args.num_fewshot, log_samples=args.log_samples, output_path=args.output_path)))
         if args.membership or args.membership_auto:
             if args.membership:
                 members, nonmembers = (evals.read_texts(f, args.text_field) for f in args.membership)
@@ -141,6 +171,9 @@ def _compare(args: argparse.Namespace) -> None:
     print(summary_table(result, "equal_tokens"))
     print(f"\nat equal compute ({result['equal_compute']['flops']:.3g} FLOPs):")
     print(summary_table(result, "equal_compute"))
+    print("\nfinal (each run at its end: " + ", ".join(f"{r['name']} {r['tokens']:,.0f} tokens"
+                                                      for r in result["runs"]) + "):")
+    print(summary_table(result, "final"))
     if "fit" in result:
         fit = result["fit"]
         intervals = fit["intervals"]
@@ -169,11 +202,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> Path:
+    from tokenmill.recipe import load_recipe
+    from tokenmill.run import Runner
+    from tokenmill.runfolder import RunFolder
+
+    folder = RunFolder(args.run).require()
+    out = args.out or (folder.root / "exports" / f"step-{args.step}" if args.step else folder.model)
+    with folder.lock():
+        return Runner(load_recipe(folder.recipe), folder.root, progress=False).export(args.step, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             return _train(args)
+
+        if args.command == "export":
+            print(_export(args))
+            return 0
 
         if args.command == "report":
             from tokenmill.report.run_report import write_report
@@ -189,6 +237,24 @@ def main(argv: list[str] | None = None) -> int:
             _compare(args)
             return 0
 
+        if args.command == "steps":
+            from tokenmill.recipe_help import step_help, steps_overview
+
+            print(step_help(args.name) if args.name else steps_overview())
+            return 0
+
+        if args.command == "init":
+            from tokenmill.recipe_help import starter_recipe
+
+            text = starter_recipe(args.data, args.out)
+            try:
+                with open(args.out, "x", encoding="utf-8") as fh:
+                    fh.write(text)
+            except FileExistsError:
+                raise TokenmillError(f"{args.out} already exists; choose another --out or remove it") from None
+            print(f"wrote {args.out}; check it with `tokenmill validate {args.out}`")
+            return 0
+
         if args.command == "inspect":
             from tokenmill.curate.inspect import funnel_table, inspect_step
 
@@ -201,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         from tokenmill.recipe import dump_recipe, load_recipe
 
         path = DEMO_RECIPE if args.command == "demo" else args.recipe
-        recipe = load_recipe(path, args.overrides)
+        recipe = load_recipe(path, args.overrides, preflight=True)
         if args.command == "validate":
             print(f"{path}: valid recipe {recipe.name!r}")
             print(dump_recipe(recipe), end="")

@@ -1,36 +1,67 @@
-"""Run a recipe end to end into a run folder, stage by stage, skipping whatever is already complete.
+"""Run a recipe end to end into a run folder, stage by stage, redoing only what is missing or stale.
 
 Every stage writes its outputs atomically and is recognised as complete by a file it writes last, so
 ``tokenmill run`` after a crash or Ctrl-C picks up where it stopped: curation per shard, packing per
 shard, training from the last checkpoint. ``timings.json`` records each stage's wall time.
+
+Like a build system, each stage (and each curation step) is fingerprinted by the recipe fields it reads
+and by its upstream stages' fingerprints (``stages.json``). A rerun with a changed recipe removes and
+redoes only the stages whose fingerprint changed, and says why; raising ``train.max_steps`` continues
+training from the last checkpoint, and settings that only change how training is watched or how fast
+it runs (``TRAIN_CADENCE``) keep its checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
 from tokenmill import TokenmillError
 from tokenmill.curate.pipeline import run_pipeline
 from tokenmill.documents.ingest import ingest
+from tokenmill.documents.readers import resolve_paths
 from tokenmill.documents.shards import list_shards, write_parquet_atomic
 from tokenmill.executors import LocalExecutor
-from tokenmill.files import write_json_atomic
+from tokenmill.files import read_json, write_json_atomic
 from tokenmill.recipe import Recipe, dump_recipe
-from tokenmill.runfolder import RunFolder
+from tokenmill.runfolder import RunFolder, StageRecord
 from tokenmill.steps import STEPS
 
 
-def _check_same_recipe(folder: RunFolder, text: str) -> None:
-    if folder.recipe.exists() and folder.recipe.read_text(encoding="utf-8") != text:
-        raise TokenmillError(
-            f"{folder.root} holds a run of a different recipe ({folder.recipe} differs from this one). "
-            f"Resume it with the same recipe and overrides, pick another --out, or pass --overwrite.")
+# Training settings that change how a run is watched, checkpointed or how fast it goes, not what it
+# learns: changing them keeps the checkpoints (max_steps continues training, or refuses to shorten it).
+TRAIN_CADENCE = ("max_steps", "log_every", "eval_every", "eval_windows_per_domain", "ckpt_every", "keep_last_k",
+                 "bpb_every", "bpb_docs_per_domain", "tensorboard", "wandb", "compile", "activation_checkpointing",
+                 "selective_ac", "device")
+
+
+def _fingerprint(upstream: str, inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([upstream, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The recipe fields that differ between two stage inputs, as ``path old -> new``."""
+    before, after = _flatten(old), _flatten(new)
+    return [f"{key} {_short(before.get(key))} -> {_short(after.get(key))}"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Runner:
@@ -41,27 +72,105 @@ class Runner:
         self.overwrite = overwrite
 
     def _open(self) -> None:
-        """Claim the folder: create it (or empty it with ``--overwrite``) and write the recipe, which must
-        be the one a resumed run was started with. Called with the folder's lock held."""
+        """Claim the folder (called with its lock held): empty it with ``--overwrite``, check it is a run
+        folder of this layout, remove what the recipe's changes made stale, and write the recipe."""
         f, text = self.folder, dump_recipe(self.recipe)
         if self.overwrite and f.root.is_dir():
             for child in f.root.iterdir():
                 if child != f.lock_file:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        _check_same_recipe(f, text)
         if f.recipe.exists():
             f.require()
+            same_recipe = f.recipe.read_text(encoding="utf-8") == text
         else:
             f.stamp()
-        if not f.recipe.exists():  # under torchrun every rank gets here: write once, atomically
-            tmp = f.recipe.with_name(f"recipe.yaml.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, f.recipe)
+            same_recipe = True
+        self.records = f.read_stage_records()
         self.timings: dict[str, float] = f.read_timings()
+        self._plan(same_recipe)
+        tmp = f.recipe.with_name(f"recipe.yaml.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, f.recipe)
+
+    # ---- fingerprints ----------------------------------------------------------------------------
+    def stage_inputs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each stage (and curation step) in order with the recipe fields its outputs depend on."""
+        r = self.recipe.model_dump(mode="json")
+        curate, train = r["curate"], r["train"]
+        read = {"sources": r["sources"], "heldout": r["heldout"], "curate.shard_docs": curate["shard_docs"],
+                "curate.shard_bytes": curate["shard_bytes"], "curate.keep_rejected": curate["keep_rejected"],
+                "source files": self._source_files()}
+        stages = [("read", read)]
+        stages += [(f"curate/{self.folder.step(i, cfg['step']).name}",
+                    {f"curate.steps.{i}": cfg, "curate.keep_rejected": curate["keep_rejected"]})
+                   for i, cfg in enumerate(curate["steps"])]
+        stages += [
+            ("curate", {"curate.steps": [cfg["step"] for cfg in curate["steps"]]}),
+            ("tokenizer", {"tokenizer": r["tokenizer"]}),
+            ("pack", {}),
+            ("train", {"model": r["model"],
+                       **{f"train.{k}": v for k, v in train.items() if k not in TRAIN_CADENCE}}),
+            ("export", {"train.max_steps": train["max_steps"]}),
+            ("eval", {"eval": r["eval"], "train.seq_len": train["seq_len"]}),
+        ]
+        return stages
+
+    def _source_files(self) -> list[list]:
+        """Path, size and modification time of every source file, so edited sources are read again. Sources
+        moved away after the read stage keep the documents already read (with a warning)."""
+        try:
+            return [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
+                    for src in self.recipe.sources for p in resolve_paths(src.path)]
+        except TokenmillError as err:
+            read = self.records.get("read")
+            if read is None or not self.folder.read.done:
+                raise
+            print(f"[tokenmill] warning: {err}; keeping the documents read before")
+            return read.inputs["source files"]
+
+    def _plan(self, same_recipe: bool) -> None:
+        """Compare every stage's fingerprint with the one its outputs were made with; remove the outputs
+        of each stage that changed (and say why), before anything runs. Outputs without a record are
+        kept only when the recipe is the one they were made with (``tokenmill train`` under torchrun)."""
+        f = self.folder
+        self._check_training_length()
+        self.fingerprints, upstream, changed = {}, "", ""
+        for name, inputs in self.stage_inputs():
+            fp = upstream = self.fingerprints[name] = _fingerprint(upstream, inputs)
+            record = self.records.get(name)
+            if record is not None and record.fingerprint == fp:
+                continue
+            outputs = [p for p in f.stage_outputs(name) if p.exists()]
+            if outputs and (record is not None or not same_recipe):  # made from other inputs: redo
+                why = ", ".join(_changes(record.inputs, inputs)) if record else "made by an unrecorded recipe"
+                print(f"[tokenmill] {name}: reruns ({why or f'upstream {changed} changed'})")
+                changed = changed or name
+                for path in outputs:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                self.timings.pop(name.split("/")[0], None)
+            self.records[name] = StageRecord(fingerprint=fp, inputs=inputs)
+        numbered = {name for name in self.fingerprints if name.startswith("curate/")}
+        for step in f.curate.glob("[0-9][0-9]-*") if f.curate.is_dir() else []:
+            if f"curate/{step.name}" not in numbered:  # a step the recipe no longer has
+                shutil.rmtree(step)
+        self.records = {k: v for k, v in self.records.items() if k in self.fingerprints}
+        f.write_stage_records(self.records)
+
+    def _check_training_length(self) -> None:
+        """Training can be continued to more steps, not undone to fewer."""
+        from tokenmill.train.checkpoint import checkpoints
+
+        trained = max((step for step, _ in checkpoints(self.folder.checkpoints)), default=0)
+        wanted = self.recipe.train.max_steps
+        if trained > wanted:
+            raise TokenmillError(
+                f"{self.folder.root} holds a run of a different recipe that trained further: train.max_steps "
+                f"{trained} -> {wanted}. Training cannot be shortened: export an earlier checkpoint with "
+                f"`tokenmill export {self.folder.root} --step N`, or pick another --out, or pass --overwrite.")
 
     def _stage(self, name: str, done: Callable[[], bool], fn: Callable[[], None]) -> None:
         if done():
-            print(f"[tokenmill] {name}: already complete, skipped")
+            print(f"[tokenmill] {name}: already complete, reused (recipe inputs unchanged)")
             return
         print(f"[tokenmill] {name} ...")
         t0 = time.perf_counter()
@@ -95,7 +204,7 @@ class Runner:
         dest = self.folder.tokenizer
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        prepare_tokenizer(self.recipe.tokenizer, _texts(self.curated_shards()), tmp)
+        prepare_tokenizer(self.recipe.tokenizer, _texts(self.curated_shards()), tmp, progress=self.progress)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
@@ -105,10 +214,10 @@ class Runner:
 
         f = self.folder
         tok = load_tokenizer(f.tokenizer)
-        pack_documents(self.curated_shards(), tok, f.train_tokens)
+        pack_documents(self.curated_shards(), tok, f.train_tokens, progress=self.progress)
         if not f.heldout_shard.exists():
             write_parquet_atomic(pq.read_table(f.heldout), f.heldout_shard)
-        pack_documents([f.heldout_shard], tok, f.heldout_tokens)
+        pack_documents([f.heldout_shard], tok, f.heldout_tokens, progress=self.progress)
 
     def model_config(self):
         """The recipe's model with the vocabulary and EOS id of the run's tokenizer. With
@@ -139,23 +248,44 @@ class Runner:
         if is_main_process():
             write_json_atomic(summary, f.summary)
 
-    def export(self) -> None:
+    def _trained(self) -> bool:
+        """Training is complete when its summary says it reached ``max_steps`` (a raised ``max_steps``
+        makes a finished run resume from its last checkpoint)."""
+        summary = read_json(self.folder.summary)
+        if summary is not None and summary["steps"] < self.recipe.train.max_steps:
+            print(f"[tokenmill] train: continues from step {summary['steps']} to {self.recipe.train.max_steps}; "
+                  f"the learning-rate schedule is recomputed for {self.recipe.train.max_steps} steps, so the "
+                  f"first {summary['steps']} followed the shorter one")
+            self.folder.summary.unlink()
+            return False
+        return summary is not None
+
+    def export(self, step: int | None = None, out: Path | None = None) -> Path:
+        """Export the checkpoint of ``step`` (default: the last) to ``out`` (default: ``RUN/model``) in
+        Hugging Face format; ``tokenmill_export.json`` there records the step and the training stage's
+        fingerprint, which names the recipe inputs the weights came from."""
         from tokenmill.model.hf import export_hf
-        from tokenmill.train.checkpoint import load_trained_model
+        from tokenmill.train.checkpoint import checkpoints, load_trained_model
 
         f = self.folder
-        model, cfg = load_trained_model(f.checkpoints)
-        tmp = f.model.with_name(f.model.name + ".tmp")
+        out = Path(out) if out is not None else f.model
+        model, cfg = load_trained_model(f.checkpoints, step)
+        tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         export_hf(model, cfg, f.tokenizer, tmp)
-        shutil.rmtree(f.model, ignore_errors=True)
-        tmp.rename(f.model)
+        record = f.read_stage_records().get("train")
+        write_json_atomic({"step": step if step is not None else checkpoints(f.checkpoints)[-1][0],
+                           "train_fingerprint": record.fingerprint if record else None,
+                           "run": str(f.root.resolve())}, tmp / "tokenmill_export.json")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return out
 
     def eval_bpb(self) -> None:
         """Bits per byte per domain of the exported model, as ``tokenmill eval --bpb`` recomputes it."""
         from tokenmill.evaluate.model_evals import eval_bpb
 
-        eval_bpb(self.folder.root)
+        eval_bpb(self.folder.root, progress=self.progress)
 
     def report(self) -> None:
         from tokenmill.report.run_report import write_report
@@ -170,7 +300,7 @@ class Runner:
             ("curate", f.final.exists, self.curate),
             ("tokenizer", lambda: (f.tokenizer / "tokenizer.json").exists(), self.tokenizer),
             ("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack),
-            ("train", f.summary.exists, self.train),
+            ("train", self._trained, self.train),
             ("export", lambda: (f.model / "config.json").exists(), self.export),
             ("eval", f.bpb.exists, self.eval_bpb),
             ("report", lambda: False, self.report),

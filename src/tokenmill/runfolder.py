@@ -6,6 +6,7 @@ Every module that reads or writes a run folder goes through this one, so the lay
     RUN/
       tokenmill.json               format version of this layout
       recipe.yaml                  the resolved recipe, exactly as run
+      stages.json                  each stage's fingerprint and the recipe inputs it was made from
       timings.json                 wall seconds per stage
       heldout/documents.parquet    evaluation documents, never curated or trained on
       curate/read/  curate/NN-STEP/    one StepFolder each:
@@ -102,6 +103,14 @@ class SelectCost(_Record):
     seconds: float = Field(ge=0, description="Wall-clock seconds the selection took, end to end.")
 
 
+class StageRecord(_Record):
+    """What a stage's outputs were made from: the recipe fields it reads (``inputs``, keyed by their
+    dotted recipe path) and a fingerprint of those and of every upstream stage's."""
+
+    fingerprint: str
+    inputs: dict[str, Any]
+
+
 class DomainBpb(_Record):
     bpb: float
     docs: int
@@ -183,6 +192,7 @@ class RunFolder:
         self.lock_file = self.root / ".lock"
         self.recipe = self.root / "recipe.yaml"
         self.timings = self.root / "timings.json"
+        self.stages = self.root / "stages.json"
         self.curate = self.root / "curate"
         self.read = StepFolder(self.curate / "read")
         self.final = self.curate / "final.json"
@@ -270,6 +280,33 @@ class RunFolder:
             raise TokenmillError(f"{self.root}: curation has not finished ({self.final} is missing); "
                                  f"run `tokenmill run` to complete it")
         return self.root / final["documents"]
+
+    # ---- stages --------------------------------------------------------------------------------------
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """What a stage writes, so a stage whose inputs changed can be removed and redone. A curation
+        step is the stage ``curate/NN-STEP``; ``curate`` itself is the choice of the final documents."""
+        if stage.startswith("curate/"):
+            return [self.root / stage]
+        return {
+            "read": [self.read.root, self.heldout.parent],
+            "curate": [self.final, self.select_cost],
+            "tokenizer": [self.tokenizer],
+            "pack": [self.train_tokens, self.heldout_tokens, self.heldout_shard.parent],
+            "train": [self.train],
+            "export": [self.model],
+            "eval": [self.bpb],
+        }[stage]
+
+    def read_stage_records(self) -> dict[str, StageRecord]:
+        data = read_json(self.stages) or {}
+        try:
+            return {name: StageRecord.model_validate(record) for name, record in data.items()}
+        except ValidationError as err:
+            raise TokenmillError(f"{self.stages}: not a valid stage record ({err.error_count()} errors); "
+                                 f"delete it to redo every stage") from None
+
+    def write_stage_records(self, records: dict[str, StageRecord]) -> None:
+        write_json_atomic({name: r.model_dump(mode="json") for name, r in records.items()}, self.stages)
 
     # ---- records -----------------------------------------------------------------------------------
     def read_select_cost(self) -> SelectCost | None:

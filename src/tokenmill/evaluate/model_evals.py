@@ -41,7 +41,7 @@ def model_dir(run: Path) -> Path:
     return model
 
 
-def eval_bpb(run: Path) -> BpbResult:
+def eval_bpb(run: Path, progress: bool | None = None) -> BpbResult:
     """Compute ``RUN/eval/bpb.json`` from ``RUN/model`` with the recipe's eval settings; return it. The run's
     eval stage and ``tokenmill eval --bpb`` both come here."""
     folder = RunFolder(run)
@@ -51,7 +51,7 @@ def eval_bpb(run: Path) -> BpbResult:
     result = BpbResult.model_validate(
         bits_per_byte(model.to(device), tokenizer, pq.read_table(folder.heldout), seq_len=recipe.train.seq_len,
                       batch_size=recipe.eval.batch_size, device=device,
-                      max_docs_per_domain=recipe.eval.max_docs_per_domain))
+                      max_docs_per_domain=recipe.eval.max_docs_per_domain, progress=progress))
     result.write(folder.bpb)
     return result
 
@@ -63,22 +63,35 @@ def load_run_recipe(run: Path) -> Recipe:
 
 
 def eval_harness(run: Path, tasks: list[str] | None = None, *, task_dir: Path | None = None,
-                 backend: str = "tokenmill", limit: int | None = None, batch_size: int = 8) -> dict:
-    """Run lm-evaluation-harness ``tasks`` (default: the bundled ones) on ``RUN/model``; write and return
-    ``RUN/eval/harness.json``."""
+                 backend: str = "tokenmill", limit: int | None = None, num_fewshot: int | None = None,
+                 log_samples: bool = False, output_path: Path | None = None, batch_size: int = 8) -> dict:
+    """Run lm-evaluation-harness ``tasks`` (default: the bundled ones) on ``RUN/model``; merge them into
+    ``RUN/eval/harness.json`` (keyed by task, each with the options it was run with) and return that.
+
+    ``log_samples`` needs ``output_path``, lm_eval's own output folder, which gets the per-item samples
+    (harness.json keeps metrics only), as with lm_eval's command line."""
     model = model_dir(run)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise TokenmillError(f"--num_fewshot must be 0 or more, got {num_fewshot}")
+    if log_samples and output_path is None:
+        raise TokenmillError("--log_samples needs --output_path, the folder lm-evaluation-harness writes the "
+                             "per-item samples to")
     try:
-        from tokenmill.evaluate.harness import HarnessConfig, run_harness
+        from tokenmill.evaluate.harness import HarnessConfig, merge_results, run_harness
     except ModuleNotFoundError as err:  # lm-eval is an optional extra
         raise TokenmillError(f"the harness needs lm-evaluation-harness, and {err.name!r} is not installed: "
                              f"pip install 'tokenmill[eval]'") from err
     tasks = tasks or HarnessConfig().tasks
-    result = run_harness(model, tasks, task_dir, backend=backend, limit=limit, batch_size=batch_size,
-                         device=str(resolve_device("auto")))
-    options = {"tasks": tasks, "task_dir": str(task_dir) if task_dir else None, "backend": backend, "limit": limit}
-    result = {"options": options, **result}
-    write_json_atomic(result, RunFolder(run).harness)
-    return result
+    result = run_harness(model, tasks, task_dir, backend=backend, limit=limit, num_fewshot=num_fewshot,
+                         batch_size=batch_size, device=str(resolve_device("auto")), log_samples=log_samples,
+                         output_path=output_path)
+    options = {"task_dir": str(task_dir) if task_dir else None, "backend": backend, "limit": limit,
+               "num_fewshot": num_fewshot, "log_samples": log_samples,
+               "output_path": str(output_path) if output_path else None}
+    path = RunFolder(run).harness
+    merged = merge_results(read_json(path), result, options)
+    write_json_atomic(merged, path)
+    return merged
 
 
 def eval_membership(run: Path, members: list[str], nonmembers: list[str], source: dict,
@@ -169,9 +182,13 @@ def membership_table(result: dict) -> str:
 
 
 def _load_model(run: Path):
-    """tokenmill's Llama (in eval mode) and the tokenizer from ``RUN/model``."""
+    """tokenmill's Llama (in eval mode) and the tokenizer from ``RUN/model``. The evaluations here
+    encode whole documents and window them to the model's context themselves, so the export's
+    ``model_max_length`` (which makes transformers warn about long inputs) is lifted."""
     path = model_dir(run)
-    return import_hf(path)[0].eval(), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.model_max_length = int(1e30)
+    return import_hf(path)[0].eval(), tokenizer
 
 
 def _nonempty(table: pa.Table) -> pa.Table:

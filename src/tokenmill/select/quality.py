@@ -85,16 +85,24 @@ def train_fasttext(pos_texts: list[str] | pa.Array, neg_texts: list[str] | pa.Ar
     with tempfile.TemporaryDirectory(prefix="tokenmill-fasttext-") as tmp:
         train_file = Path(tmp) / "train.txt"
         train_file.write_text("\n".join(lines[i] for i in order) + "\n", encoding="utf-8")
-        try:
-            return fasttext.train_supervised(
-                str(train_file), lr=settings.lr, dim=settings.dim, epoch=settings.epoch,
-                wordNgrams=settings.word_ngrams, minCount=settings.min_count, bucket=settings.bucket,
-                thread=settings.threads, seed=seed, verbose=0)
-        except RuntimeError as err:
-            if "NaN" not in str(err):
-                raise
-            raise TokenmillError(f"fastText training diverged (NaN) at lr={settings.lr}; lower fasttext.lr "
-                                 f"(e.g. {settings.lr / 4:g})") from None
+        # fastText's SGD can blow up to NaN on small or repetitive sets at its usual lr; its own advice
+        # is a lower lr, so try lr/4 and lr/16 (with a warning) before giving up.
+        for lr in (settings.lr, settings.lr / 4, settings.lr / 16):
+            try:
+                model = fasttext.train_supervised(
+                    str(train_file), lr=lr, dim=settings.dim, epoch=settings.epoch,
+                    wordNgrams=settings.word_ngrams, minCount=settings.min_count, bucket=settings.bucket,
+                    thread=settings.threads, seed=seed, verbose=0)
+            except RuntimeError as err:
+                if "NaN" not in str(err):
+                    raise
+                continue
+            if lr != settings.lr:
+                print(f"[tokenmill] warning: fastText training diverged (NaN) at lr={settings.lr}; trained at "
+                      f"lr={lr:g} instead (set fasttext.lr to choose)")
+            return model
+        raise TokenmillError(f"fastText training diverged (NaN) at lr={settings.lr}, {settings.lr / 4:g} and "
+                             f"{settings.lr / 16:g}; lower fasttext.lr further or give more training documents")
 
 
 def fasttext_scores(model: fasttext.FastText._FastText, texts: list[str] | pa.Array,

@@ -227,11 +227,16 @@ def _untrusted(path: Path, err: Exception, remedy: str = "") -> TokenmillError:
     )
 
 
-def load_trained_model(ckpt_dir: Path) -> tuple[Llama, ModelConfig]:
-    """The model of the newest checkpoint in ``ckpt_dir``, on CPU in eval mode, with its config."""
-    path = latest_checkpoint(Path(ckpt_dir))
-    if path is None:
+def load_trained_model(ckpt_dir: Path, step: int | None = None) -> tuple[Llama, ModelConfig]:
+    """The model of the checkpoint at ``step`` (default: the newest) in ``ckpt_dir``, on CPU in eval mode,
+    with its config."""
+    found = dict(checkpoints(Path(ckpt_dir)))
+    if not found:
         raise TokenmillError(f"no checkpoint in {ckpt_dir}: train the model first")
+    if step is not None and step not in found:
+        raise TokenmillError(f"no checkpoint of step {step} in {ckpt_dir}; kept: "
+                             f"{', '.join(map(str, sorted(found)))} (train.keep_last_k sets how many are kept)")
+    path = found[max(found) if step is None else step]
     state = json.loads((path / "state.json").read_text())
     cfg = ModelConfig.model_validate(state["model_config"])
     model = Llama(cfg)
