@@ -24,6 +24,67 @@ class WandbConfig(BaseModel):
     )
 
 
+class AdamWConfig(BaseModel):
+    """AdamW on every parameter (the default); its lr, betas, eps and weight_decay are train's own."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["adamw"] = "adamw"
+
+
+class MuonConfig(BaseModel):
+    """Muon (Jordan et al. 2024) on the blocks' 2-D weight matrices, AdamW (train's lr, betas, eps) on
+    embeddings, the output head and norms. Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["muon"] = "muon"
+    momentum: Beta = Field(0.95, description="Muon momentum, in [0, 1).")
+    nesterov: bool = Field(True, description="Nesterov momentum.")
+    ns_steps: int = Field(5, ge=1, lt=100, description="Newton–Schulz iterations that orthogonalise each "
+                          "update (torch refuses 100 or more).")
+    adjust_lr_fn: Literal["match_rms_adamw", "original"] = Field(
+        "match_rms_adamw",
+        description="'match_rms_adamw' scales each update to AdamW's RMS (0.2·sqrt(max(m, n))), so train.lr "
+        "carries over from AdamW; 'original' is Keller Jordan's sqrt(max(1, m/n)), which wants an lr near 0.02.",
+    )
+
+
+class GaLoreConfig(BaseModel):
+    """GaLore (Zhao et al. 2024): Adam moments of the blocks' 2-D weights live in a rank-``rank``
+    projection of their gradients, refreshed by SVD every ``update_proj_gap`` steps; other parameters
+    get plain AdamW. Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["galore"] = "galore"
+    rank: int = Field(128, gt=0, description="Rank of the gradient projection (capped at min(m, n) per matrix).")
+    update_proj_gap: int = Field(200, ge=1, description="Steps between SVD refreshes of each projection.")
+    scale: float = Field(0.25, gt=0, description="Factor on the projected-back update (the paper's alpha).")
+    proj_type: Literal["std", "left", "right"] = Field(
+        "std",
+        description="Which side of each m×n gradient G to project: 'std' the shorter one (moments "
+        "max(m, n)×rank, projector min(m, n)×rank), 'left' always rows (U_rᵀ·G), 'right' always columns (G·V_r).",
+    )
+
+
+class SLTrainConfig(BaseModel):
+    """SLTrain (Han et al. 2024): each block weight becomes a low-rank product plus a fixed-support
+    sparse matrix; the optimizer is AdamW over whatever the model then trains. Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["sltrain"] = "sltrain"
+    rank: int = Field(128, gt=0, description="Rank of the low-rank factor B·A.")
+    density: float = Field(0.03, gt=0, le=1, description="Fraction of each weight's entries in the sparse part.")
+    alpha: float = Field(32, gt=0, description="The low-rank product is scaled by alpha / rank.")
+
+
+OptimizerConfig = Annotated[
+    AdamWConfig | MuonConfig | GaLoreConfig | SLTrainConfig, Field(discriminator="name")
+]
+
+
 class TrainConfig(BaseModel):
     """One training run's settings; the network's shape lives in ``ModelConfig``. No setting may be
     inf or NaN, which would surface as a NaN loss (or an optimizer error) only once training runs."""
@@ -55,6 +116,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on ≥2-D weights.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=AdamWConfig,
+        description="Which optimizer, by name (adamw, muon, galore, sltrain), with its own settings; lr, "
+        "betas, eps and weight_decay above apply to whichever AdamW it runs.",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute precision: auto = bf16 autocast on CUDA with bf16 support, else fp32."

@@ -1,18 +1,35 @@
-"""AdamW with nanoGPT's weight-decay split: decay every ≥2-D weight (matmuls and embeddings), never
-norm gains or biases, whose scale is not a capacity to regularise."""
+"""The optimizers ``train.optimizer`` names, all built around nanoGPT's AdamW weight-decay split: decay
+every ≥2-D weight (matmuls and embeddings), never norm gains or biases, whose scale is not a capacity
+to regularise.
+
+``muon`` and ``galore`` replace AdamW on the transformer blocks' weight matrices (attention and MLP
+projections) only; embeddings, the output head and norms keep AdamW with train's lr, betas and eps,
+the split modded-nanogpt and nanochat use. The two optimizers travel as one ``Combined``, which the
+loop's lr schedule, gradient clipping and checkpoints treat like a single optimizer. ``sltrain``
+changes the model, not the optimizer: it is AdamW over whatever parameters the model trains.
+
+FSDP2: Muon's Newton–Schulz iteration and GaLore's SVD need each weight matrix whole, and FSDP2
+shards every matrix across the processes. Rather than all-gather each gradient on every rank, both
+are single-process for now: under ``torchrun`` with more than one process they raise a
+``TokenmillError`` before the first step (adamw and sltrain shard as before).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from tokenmill.train.config import TrainConfig
+from tokenmill import TokenmillError
+from tokenmill.train.config import GaLoreConfig, MuonConfig, TrainConfig
+from tokenmill.train.galore import GaLoreAdamW
 
 
-def build_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The fused CUDA kernel does the whole update in a few launches; elsewhere use the default
     (foreach) implementation."""
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -20,3 +37,67 @@ def build_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tor
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
     )
+
+
+def build_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return _adamw([p for p in model.parameters() if p.requires_grad], cfg, device)
+
+
+class Combined:
+    """Several optimizers over disjoint parameters, stepped together. ``param_groups`` is all of
+    theirs (the same dicts, so the loop's per-step lr reaches every one), and iterating yields the
+    optimizers, which torch.distributed.checkpoint's get/set_optimizer_state_dict accept in place of
+    one, saving and loading each by parameter name. ``state`` merges theirs, for whatever counts it."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self.optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict]:
+        """Each parameter's state, from whichever optimizer holds it."""
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def _block_matrices(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The blocks' 2-D trainable weights, which must be whole on this process (see the module docstring)."""
+    matrices = [p for p in model.layers.parameters() if p.requires_grad and p.dim() == 2]
+    if any(isinstance(p, DTensor) for p in matrices):
+        raise TokenmillError(
+            f"train.optimizer {name} needs whole weight matrices, but FSDP2 shards them over the torchrun "
+            f"processes: run {name} in one process for now, or use adamw to train sharded"
+        )
+    return matrices
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | Combined:
+    """The optimizer ``cfg.optimizer`` names, over ``model``'s trainable parameters."""
+    settings = cfg.optimizer
+    if not isinstance(settings, (MuonConfig, GaLoreConfig)):  # adamw, and sltrain's reparametrised model
+        return build_adamw(model, cfg, device)
+    matrices = _block_matrices(model, settings.name)
+    chosen = {id(p) for p in matrices}
+    rest = _adamw([p for p in model.parameters() if p.requires_grad and id(p) not in chosen], cfg, device)
+    if isinstance(settings, MuonConfig):
+        return Combined(rest, torch.optim.Muon(
+            matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=settings.momentum,
+            nesterov=settings.nesterov, ns_steps=settings.ns_steps, adjust_lr_fn=settings.adjust_lr_fn,
+        ))
+    return Combined(rest, GaLoreAdamW(
+        matrices, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, rank=settings.rank,
+        update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
+    ))
