@@ -27,6 +27,7 @@ from tokenmill.model.llama import ModelConfig
 from tokenmill.steps import STEPS
 from tokenmill.tokens.tokenizer import TokenizerConfig
 from tokenmill.train.config import TrainConfig
+from tokenmill.train.sources import source_folders
 
 StepConfig = Annotated[Union[tuple(cls.Params for cls in STEPS.values())], Field(discriminator="step")]
 
@@ -71,9 +72,35 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _tokenizer_of_init_checkpoint(self) -> "Recipe":
-        """Continued pretraining keeps the checkpoint's tokenizer unless another one is named."""
+        """Continued pretraining, and growth from a smaller model, keep that model's tokenizer unless
+        another one is named."""
         if self.model.init_from and not self.tokenizer.path:
             self.tokenizer.path = self.model.init_from
+        if self.model.grow_from and not self.tokenizer.path:
+            try:
+                self.tokenizer.path = str(source_folders(self.model.grow_from)[1])
+            except TokenmillError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _sltrain_fits_the_model(self) -> "Recipe":
+        """SLTrain's rank and density must fit the smallest block matrix (k/v, n_kv_heads·head_dim × dim),
+        and it trains from scratch: a starting checkpoint's weights would be thrown away."""
+        opt, m = self.train.optimizer, self.model
+        if opt.name != "sltrain":
+            return self
+        if m.init_from or m.grow_from:
+            raise ValueError("train.optimizer sltrain trains its low-rank and sparse factors from scratch; it "
+                             "cannot start from model.init_from or model.grow_from")
+        rows, cols = m.n_kv_heads * m.head_dim, m.dim
+        smallest = min(rows, cols, m.ffn_hidden)
+        if opt.rank > smallest:
+            raise ValueError(f"train.optimizer.rank={opt.rank} is larger than the smallest block matrix allows "
+                             f"({rows}×{cols} k/v projections, ffn_hidden {m.ffn_hidden}): at most {smallest}")
+        if round(opt.density * rows * cols) < 1:
+            raise ValueError(f"train.optimizer.density={opt.density} leaves no sparse entry in the {rows}×{cols} "
+                             f"k/v projections: raise it")
         return self
 
     @model_validator(mode="after")
@@ -247,7 +274,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None, *, preflight: bo
     for src in data.get("sources") or []:
         if isinstance(src, dict) and isinstance(src.get("path"), str):
             src["path"] = _absolute(src["path"], path.parent)
-    for section, key in (("tokenizer", "path"), ("model", "init_from")):
+    for section, key in (("tokenizer", "path"), ("model", "init_from"), ("model", "grow_from")):
         part = data.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             part[key] = _absolute(part[key], path.parent)

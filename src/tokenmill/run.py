@@ -221,10 +221,20 @@ class Runner:
 
     def model_config(self):
         """The recipe's model with the vocabulary and EOS id of the run's tokenizer. With
-        ``model.init_from`` the shape is the checkpoint's, and the run's tokenizer must be its own."""
+        ``model.init_from`` the shape is the checkpoint's, and the run's tokenizer must be its own; with
+        ``model.grow_from`` it must be the smaller model's."""
         from tokenmill.tokens.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.folder.tokenizer)
+        grow_from = self.recipe.model.grow_from
+        if grow_from is not None:
+            from tokenmill.train.sources import source_folders
+
+            source_tokenizer = source_folders(grow_from)[1]
+            if tok.get_vocab() != load_tokenizer(source_tokenizer).get_vocab():
+                raise TokenmillError(
+                    f"model.grow_from={grow_from}: the run's tokenizer ({self.folder.tokenizer}) is not the smaller "
+                    f"model's, whose token ids it was trained on; set tokenizer.path: {source_tokenizer}")
         init_from = self.recipe.model.init_from
         if init_from is None:
             return self.recipe.model.model_copy(update={"vocab_size": len(tok), "eos_id": tok.eos_token_id})

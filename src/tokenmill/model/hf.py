@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.utils import parametrize
 
 from tokenmill import TokenmillError
 from tokenmill.model.llama import Llama, ModelConfig
@@ -21,6 +22,16 @@ WEIGHTS = "model.safetensors"
 
 def _hf_key(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+@torch.no_grad()
+def _dense_state(model: Llama) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every parametrized tensor (SLTrain's low-rank and sparse factors,
+    applied from outside the model) replaced by the dense tensor it computes, under the plain name."""
+    merged = {f"{name}.{tensor}": getattr(module, tensor) for name, module in model.named_modules()
+              if parametrize.is_parametrized(module) for tensor in module.parametrizations}
+    plain = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    return {**plain, **merged}
 
 
 def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -59,7 +70,7 @@ def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path
 
     state = {
         _hf_key(k): v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in model.state_dict().items()
+        for k, v in _dense_state(model).items()
         if not (cfg.tie_embeddings and k == "lm_head.weight")
     }
     save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})

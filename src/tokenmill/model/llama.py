@@ -47,6 +47,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class GrowConfig(BaseModel):
+    """How ``ModelConfig.grow_from`` is stacked (G_stack, Du et al. 2024)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    depth: int = Field(
+        2, ge=2, description="Growth factor g: the new model has g× the source's layers (model.n_layers must be "
+        "exactly that); layer i copies source layer i mod its n_layers."
+    )
+
+
 class ModelConfig(BaseModel):
     """The decoder's shape. Unset ``n_kv_heads`` and ``ffn_hidden`` are resolved on validation, so a
     dumped config always spells out the exact architecture."""
@@ -85,6 +96,13 @@ class ModelConfig(BaseModel):
         "sets the shape (the shape fields here are replaced) and its weights the starting point; the run "
         "then uses its tokenizer.",
     )
+    grow_from: str | None = Field(
+        None,
+        description="Start from a smaller trained model stacked in depth (needs grow): a tokenmill run folder (its "
+        "model/ export, else its newest checkpoint) or a local Hugging Face Llama folder. Its shape must equal "
+        "this one's but for n_layers; embeddings, norms and head are copied. The run must use its tokenizer.",
+    )
+    grow: GrowConfig | None = Field(None, description="How grow_from is stacked; set both or neither.")
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +121,14 @@ class ModelConfig(BaseModel):
             raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_starting_point(self) -> "ModelConfig":
+        if (self.grow_from is None) != (self.grow is None):
+            raise ValueError("grow_from and grow go together: grow_from names the smaller model, grow how to stack it")
+        if self.grow_from and self.init_from:
+            raise ValueError("init_from and grow_from are two starting points: set one")
         return self
 
     @property

@@ -47,6 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tokenmill import TokenmillError
 from tokenmill.model.llama import Llama, ModelConfig
+from tokenmill.train.config import TrainConfig
+from tokenmill.train.sltrain import apply_sltrain
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -240,5 +242,8 @@ def load_trained_model(ckpt_dir: Path, step: int | None = None) -> tuple[Llama, 
     state = json.loads((path / "state.json").read_text())
     cfg = ModelConfig.model_validate(state["model_config"])
     model = Llama(cfg)
+    train_cfg = TrainConfig.model_validate(state["train_config"])
+    if train_cfg.optimizer.name == "sltrain":  # its weights are low-rank + sparse factors: rebuild them first
+        apply_sltrain(model, train_cfg.optimizer, cfg, train_cfg.seed)
     load_checkpoint(path, model)
     return model.eval(), cfg
