@@ -6,7 +6,7 @@ clipping at 1.0, as the training loop does. tokenmill's model goes through ``tra
 its activation checkpointing and compile are what a run uses. Each contender is built, warmed up
 (compilation happens there), then timed over ``--steps`` optimizer steps between CUDA syncs; it
 reports tokens/s, MFU (6N + attention FLOPs of the shape, the loop's count, against the device's bf16
-peak from ``train.loop.PEAK_BF16_FLOPS``) and peak memory. The batches are random tokens: throughput
+peak from ``train.device.PEAK_BF16_FLOPS``) and peak memory. The batches are random tokens: throughput
 does not depend on the text, so the benchmark needs no corpus.
 
     PYTHONPATH=src python benchmarks/train_speed.py                    # 124M: tokenmill, HF, litgpt

@@ -48,6 +48,9 @@ def make_run(root: Path) -> Path:
     lines += [{"step": s, "tokens": 4096 * s, "val_loss": 8.5 - 0.04 * s, "val_loss/bible": 8.0 - 0.04 * s}
               for s in (20, 40, 59)]
     (root / "train" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (root / "train" / "summary.json").write_text(json.dumps({"memory": {
+        "param_bytes": 3 << 20, "grad_bytes": 3 << 20, "optimizer_state_bytes": 6 << 20, "peak_bytes": 512 << 20,
+        "peak_kind": "cpu_peak_rss"}}))
     (root / "eval").mkdir()
     (root / "eval" / "bpb.json").write_text(json.dumps(BPB))
     (root / "model").mkdir()
@@ -84,6 +87,13 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", page)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<details>" in page
+
+
+def test_training_section_shows_where_memory_went(tmp_path):
+    page = write_report(make_run(tmp_path)).read_text(encoding="utf-8")
+    for figure in ("parameters (per device)</td><td>3.0 MiB", "optimizer state (per device)</td><td>6.0 MiB",
+                   "peak memory (cpu peak rss)</td><td>512.0 MiB"):
+        assert figure in page
 
 
 def test_recipe_only_run_renders_with_sections_not_run(tmp_path):

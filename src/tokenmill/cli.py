@@ -51,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (or resume training) the model of RUN from its recipe.yaml and packed "
                                    "tokens. Run it under torchrun for FSDP2 over several GPUs: torchrun "
                                    "--nproc_per_node=N -m tokenmill train RUN, or pass --nproc N.")
-    p.add_argument("run", type=Path, help="run folder (made by `tokenmill run`, packed at least)")
+    p.add_argument("run", type=Path, help="run folder (made by `tokenmill run`, packed at least); with --dry-run "
+                                          "also a recipe file")
     p.add_argument("--nproc", type=_positive_int, help="start N processes on this node with torchrun")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the predicted memory per device (parameters, "
+                   "gradients, optimizer state, activations) and allocate nothing")
+    p.add_argument("--micro-batch", type=_positive_int, metavar="N",
+                   help="with --dry-run: the micro-batch to predict for (default: the recipe's)")
 
     p = sub.add_parser("export", help="export a checkpoint of a run in Hugging Face format",
                        description="Write a checkpoint of RUN (default: the last) as a Hugging Face Llama folder "
@@ -185,6 +190,9 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """The train stage of ``args.run``; with ``--nproc``, this same command relaunched under torchrun."""
+    if args.dry_run:
+        print(_dry_run(args))
+        return 0
     if args.nproc:
         import subprocess
 
@@ -200,6 +208,40 @@ def _train(args: argparse.Namespace) -> int:
     with folder.lock() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         Runner(load_recipe(folder.recipe), args.run, progress=not args.no_progress).train()
     return 0
+
+
+def _dry_run(args: argparse.Namespace) -> str:
+    """The predicted memory of a run folder's training (its tokenizer sets the vocabulary) or of a recipe
+    file (its tokenizer.vocab_size, or the checkpoint it starts from)."""
+    from tokenmill.console import text_table
+    from tokenmill.recipe import load_recipe
+    from tokenmill.run import Runner
+    from tokenmill.runfolder import RunFolder
+    from tokenmill.train.memory import predict
+
+    if args.run.is_file():
+        recipe = load_recipe(args.run)
+        if recipe.model.init_from:
+            from tokenmill.model.hf import hf_model_config
+
+            model = hf_model_config(recipe.model.init_from)
+        else:
+            model = recipe.model.model_copy(update={"vocab_size": recipe.tokenizer.vocab_size})
+    else:
+        folder = RunFolder(args.run).require()
+        if not (folder.tokenizer / "tokenizer.json").is_file():
+            raise TokenmillError(f"{folder.root} has no tokenizer yet: run `tokenmill run ... --until tokenizer`, "
+                                 f"or pass the recipe file")
+        runner = Runner(load_recipe(folder.recipe), folder.root)
+        recipe, model = runner.recipe, runner.model_config()
+    world = args.nproc or 1
+    memory = predict(model, recipe.train, args.micro_batch, world_size=world)
+    micro_batch = args.micro_batch or recipe.train.micro_batch_size
+    rows = [(name.removesuffix("_bytes").replace("_", " "), memory[name] / 2**20) for name in memory]
+    return (f"predicted memory per device: optimizer {recipe.train.optimizer.name}, micro-batch {micro_batch} x "
+            f"{recipe.train.seq_len} tokens, {world} device(s), activation checkpointing "
+            f"{recipe.train.activation_checkpointing}\n" + text_table(["", "MiB"], rows)
+            + "\n(activations are an estimate; a run's train/summary.json has the measured peak)")
 
 
 def _export(args: argparse.Namespace) -> Path:

@@ -27,7 +27,7 @@ def write_report(run_dir: Path) -> Path:
         "timings": _timings(timings),
         "curation": _curation([step.read_stats() for step in f.steps()]),
         "tokens": _tokens(read_json(f.train_tokens / "meta.json")),
-        "training": _training(f.read_metrics(), timings),
+        "training": _training(f.read_metrics(), timings, read_json(f.summary)),
         "evaluation": (_bits_per_byte(f.read_bpb()) + _harness(read_json(f.harness))
                        + _membership(read_json(f.membership))),
         "model": _model(f.model),
@@ -112,10 +112,10 @@ def _tokens(meta: dict | None) -> str:
     return summary + table(["domain", "docs", "tokens", "share", "tokens per doc"], rows) + png(fig)
 
 
-def _training(metrics: list[dict] | None, timings: dict | None) -> str:
+def _training(metrics: list[dict] | None, timings: dict | None, summary: dict | None = None) -> str:
     """Loss curves (and held-out bits per byte, when the trainer measured it) against tokens seen;
     throughput and MFU are medians of the logged ``tokens_per_s`` and ``mfu`` (robust to the compile
-    warm-up), throughput failing that tokens over the train stage's time."""
+    warm-up), throughput failing that tokens over the train stage's time; memory from the summary."""
     if metrics is None:
         return not_run("train/metrics.jsonl")
     train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
@@ -132,6 +132,11 @@ def _training(metrics: list[dict] | None, timings: dict | None) -> str:
                 if key in val[-1]]
     figures += [(_curve_label(key, "final held-out bits per byte"), float(bpb[-1][key])) for key in bpb_keys
                 if key in bpb[-1]]
+    memory = (summary or {}).get("memory") or {}
+    figures += [(label, f"{memory[key] / 2**20:,.1f} MiB") for key, label in (
+        ("param_bytes", "parameters (per device)"), ("grad_bytes", "gradients (per device)"),
+        ("optimizer_state_bytes", "optimizer state (per device)"),
+        ("peak_bytes", "peak memory (" + memory.get("peak_kind", "").replace("_", " ") + ")")) if key in memory]
     if not (train or val):
         return table(["figure", "value"], figures) + "<p>No losses logged yet.</p>"
     fig = Figure(figsize=(14 if bpb else 9, 4.5))

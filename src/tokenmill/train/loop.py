@@ -30,17 +30,20 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from tokenmill import TokenmillError
+from tokenmill.train.sources import grow
 from tokenmill.model.hf import load_hf_weights
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.tokens.loader import TokenDataset, TokenLoader, eval_windows
 from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from tokenmill.train.config import TrainConfig
+from tokenmill.train.config import SLTrainConfig, TrainConfig
 from tokenmill.train.device import peak_flops, peak_memory_gib, resolve_device, uses_bf16
 from tokenmill.train.distributed import Distributed, setup_distributed
+from tokenmill.train.memory import measure, peak_bytes
 from tokenmill.train.metrics import MetricsSink, console_line, say
-from tokenmill.train.optim import build_adamw
+from tokenmill.train.optim import build_optimizer
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
+from tokenmill.train.sltrain import apply_sltrain
 
 
 @torch.no_grad()
@@ -196,6 +199,7 @@ class _Run:
     sink: MetricsSink | None  # rank 0 only
     last_train: dict[str, Any]  # the newest training and validation records, for the summary
     last_val: dict[str, Any]
+    memory: dict[str, int] | None = None  # tensor bytes after this process's first optimizer step
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +230,7 @@ def _setup(
     tokenizer_dir: Path | None,
     init_model: Llama | None,
 ) -> _Run:
-    """Build the model (fresh, from ``init_model``/``init_from``, or resumed), its optimizer, the data
+    """Build the model (fresh, from ``init_model``/``init_from``/``grow_from``, or resumed), its optimizer, the data
     and the metrics sink; finish the pruning a run killed after its last save left undone."""
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,8 +244,12 @@ def _setup(
     model = init_model or Llama(model_cfg)
     if init_model is None and model_cfg.init_from and resume_from is None:
         load_hf_weights(model, model_cfg.init_from)
+    if init_model is None and model_cfg.grow_from and resume_from is None:
+        grow(model)
+    if isinstance(cfg.optimizer, SLTrainConfig):  # before parallelize: its wrappers and shards see the factors
+        apply_sltrain(model, cfg.optimizer, model_cfg, cfg.seed)
     model = parallelize(model.to(device).train(), cfg, job.mesh, bf16=bf16)
-    optimizer = build_adamw(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
     state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
@@ -279,11 +287,18 @@ def _setup(
         job=job, model_cfg=model_cfg, cfg=cfg, ckpt_dir=ckpt_dir, model=model, optimizer=optimizer,
         loader=loader, batches=iter(loader), accum=cfg.grad_accum_steps(job.world_size), bf16=bf16,
         interval=_Interval(len(loader.domains), device), windows=windows, bpb_docs=bpb_docs,
-        tokenizer=tokenizer, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device, bf16),
+        tokenizer=tokenizer, flops_per_token=_dense_flops_per_token(model_cfg, cfg.seq_len), peak=peak_flops(device, bf16),
         start_step=state["step"], resumed_from=resume_from, elapsed_s=state["elapsed_s"], sink=sink,
         last_train=next((r for r in reversed(history) if "loss" in r), {}),
         last_val=next((r for r in reversed(history) if "val_loss" in r), {}),
     )
+
+
+def _dense_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+    """The model's matmul FLOPs per token as its dense shape computes them: a reparametrised model
+    (SLTrain) has fewer parameters but still multiplies by dense weights."""
+    with torch.device("meta"):
+        return Llama(model_cfg).flops_per_token(seq_len)
 
 
 class _Clock:
@@ -372,7 +387,16 @@ def _summary(run: _Run, step: int, seconds: float) -> dict[str, Any]:
         "tokens_per_s": tokens / seconds,
         "params": run.model.num_params(),
         "world_size": run.job.world_size,
+        "memory": _memory(run),
     }
+
+
+def _memory(run: _Run) -> dict[str, Any] | None:
+    """This rank's tensor bytes and the process's peak; None when this process trained no step."""
+    if run.memory is None:
+        return None
+    peak, kind = peak_bytes(run.device)
+    return {**run.memory, "peak_bytes": peak, "peak_kind": kind}
 
 
 def _train_step(run: _Run, step: int) -> None:
@@ -393,6 +417,8 @@ def _train_step(run: _Run, step: int) -> None:
     if isinstance(grad_norm, DTensor):  # sharded: already the global norm, replicated on every rank
         grad_norm = grad_norm.full_tensor()
     run.optimizer.step()
+    if run.memory is None:  # every gradient and optimizer state tensor exists now, and only now
+        run.memory = measure(run.model, run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     run.interval.steps.append((total / run.accum, grad_norm))
 
