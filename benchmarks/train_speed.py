@@ -13,6 +13,11 @@ does not depend on the text, so the benchmark needs no corpus.
     PYTHONPATH=src python benchmarks/train_speed.py --preset 350M --ac none,selective,full
     PYTHONPATH=src python benchmarks/train_speed.py --preset 1B --micro-batch 8 --ac none,full
     PYTHONPATH=src python benchmarks/train_speed.py --smoke            # CPU, tiny shape, 3 steps
+    PYTHONPATH=src python benchmarks/train_speed.py --doc-mask --peers ""   # tokenmill with train.doc_mask
+
+``--doc-mask`` measures tokenmill as a run with ``train.doc_mask: true`` trains it: the model has an
+``eos_id``, the batches end a document every ~seq/4 tokens, and the explicit mask takes SDPA off its
+flash path. The peers have no document masking; with ``--doc-mask`` they are still measured unmasked.
 
 Prints one JSON line. litgpt is measured when importable (``pip install litgpt``), else noted.
 """
@@ -55,7 +60,7 @@ def _trainer(model: torch.nn.Module, loss_fn, tcfg: TrainConfig, device: torch.d
 
 def tokenmill_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
     model = parallelize(Llama(cfg).to(device), tcfg, None, bf16=bf16)
-    return _trainer(model, lambda x, y: model(x, y)[1], tcfg, device, bf16)
+    return _trainer(model, lambda x, y: model(x, y, doc_mask=tcfg.doc_mask)[1], tcfg, device, bf16)
 
 
 def hf_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
@@ -137,20 +142,24 @@ def main() -> None:
     parser.add_argument("--peers", default="hf,litgpt", help="peers to measure: hf, litgpt (comma-separated; "
                                                               "empty for none)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--doc-mask", action="store_true",
+                        help="tokenmill with document masking (train.doc_mask), EOS every ~seq/4 tokens")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, fp32, no compile, a tiny shape and 3 steps: checks the benchmark runs")
     args = parser.parse_args()
 
+    eos_id = 0 if args.doc_mask else None  # any id: the batches below place it
     if args.smoke:
         device, bf16, compile_ = torch.device("cpu"), False, False
-        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64)
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64, eos_id=eos_id)
         micro_batch, seq, warmup, steps = 2, 64, 1, 3
     else:
         if not torch.cuda.is_available():
             sys.exit("train_speed: needs a CUDA device (or --smoke to check it runs on CPU)")
         device, bf16, compile_ = torch.device("cuda"), True, not args.no_compile
         torch.set_float32_matmul_precision("high")
-        cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq, 1024))
+        cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq, 1024),
+                          eos_id=eos_id)
         micro_batch, seq, warmup, steps = args.micro_batch, args.seq, args.warmup, args.steps
 
     with torch.device("meta"):
@@ -158,15 +167,19 @@ def main() -> None:
     peak = peak_flops(device, bf16)
     torch.manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device)
+    if args.doc_mask:  # a few documents per row, as packed web text has; the mask's cost is the same anyway
+        x[torch.rand(x.shape, device=device) < 4 / seq] = eos_id
     batch = (x, torch.roll(x, -1, dims=1))
     base = dict(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=micro_batch * seq,
-                compile=compile_, device=str(device), dtype="bfloat16" if bf16 else "float32")
+                compile=compile_, device=str(device), dtype="bfloat16" if bf16 else "float32",
+                doc_mask=args.doc_mask)
 
     results: dict[str, dict] = {}
     contenders: list[tuple[str, Callable[[], Step]]] = []
     for mode in args.ac.split(","):
         tcfg = TrainConfig(**base, activation_checkpointing=mode)
-        name = "tokenmill" if mode == "none" else f"tokenmill[ac={mode}]"
+        tags = ([] if mode == "none" else [f"ac={mode}"]) + (["doc_mask"] if args.doc_mask else [])
+        name = f"tokenmill[{','.join(tags)}]" if tags else "tokenmill"
         contenders.append((name, lambda tcfg=tcfg: tokenmill_step(cfg, tcfg, device, bf16)))
     peers = {"hf": ("hf_llama", hf_step), "litgpt": ("litgpt", litgpt_step)}
     for peer in filter(None, args.peers.split(",")):
@@ -174,7 +187,8 @@ def main() -> None:
         if peer == "litgpt" and cfg.tie_embeddings:
             results[name] = {"skipped": "litgpt's GPT has no tied embeddings; this preset ties them"}
             continue
-        contenders.append((name, lambda build=build: build(cfg, TrainConfig(**base), device, bf16)))
+        peer_base = {**base, "doc_mask": False}  # the peers cannot mask documents
+        contenders.append((name, lambda build=build: build(cfg, TrainConfig(**peer_base), device, bf16)))
 
     for name, build in contenders:
         try:
@@ -185,7 +199,7 @@ def main() -> None:
             results[name] = {"error": f"CUDA out of memory at micro-batch {micro_batch}"}
         _release()
 
-    ours = results.get("tokenmill", {}).get("tokens_per_s")
+    ours = results.get("tokenmill[doc_mask]" if args.doc_mask else "tokenmill", {}).get("tokens_per_s")
     ratios = {f"tokenmill_vs_{peer}": round(ours / r["tokens_per_s"], 3)
               for peer, r in results.items() if ours and "tokens_per_s" in r and not peer.startswith("tokenmill")}
     print(json.dumps({
@@ -196,7 +210,7 @@ def main() -> None:
                   "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "ffn_hidden": cfg.ffn_hidden,
                   "vocab": cfg.padded_vocab_size, "tied": cfg.tie_embeddings},
         "seq_len": seq, "micro_batch": micro_batch, "dtype": "bfloat16" if bf16 else "float32",
-        "compile": compile_, "warmup_steps": warmup, "timed_steps": steps,
+        "compile": compile_, "doc_mask": args.doc_mask, "warmup_steps": warmup, "timed_steps": steps,
         "flops_per_token": flops_per_token, "peak_flops": peak,
         "torch": torch.__version__, "results": results, **ratios,
     }))
