@@ -1,0 +1,56 @@
+"""The optimizer and growth benchmarks end to end at their --smoke scale (bundled demo corpus, a few steps):
+each prints one JSON line on stdout with the keys its README row promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import DEMO_DATA
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_smoke(script: str, workdir: Path) -> dict:
+    """Run the script as a user would (its folder on sys.path, one thread); stdout must be one JSON line."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--corpus", str(DEMO_DATA),
+                           "--threads", "1", "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    return json.loads(lines[0])
+
+
+def test_optimizers_smoke(tmp_path):
+    result = run_smoke("optimizers.py", tmp_path)
+    assert result["benchmark"] == "optimizers" and result["peer"] == "adamw"
+    assert set(result["optimizers"]) == {"adamw", "muon", "galore", "sltrain"}
+    for name, r in result["optimizers"].items():
+        assert [row["lr"] for row in r["lr_sweep"]] == result["lr_sweep"]
+        assert r["lr"] in result["lr_sweep"]
+        assert r["final_bpb"]["mean"] > 0 and len(r["final_bpb"]["per_seed"]) == r["seeds"]
+        assert {"param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_bytes"} <= set(r["measured"])
+        assert {"param_bytes", "optimizer_state_bytes", "total_bytes"} <= set(r["predicted_350M"])
+        assert {"final_bpb", "tokens_to_adamw_final", "optimizer_state_bytes", "param_bytes", "peak_bytes",
+                "predicted_350M_total_bytes"} <= set(r["vs_adamw"])
+        assert "tokens_to_adamw_final" in r
+    assert result["optimizers"]["adamw"]["vs_adamw"]["optimizer_state_bytes"] == 1.0
+    assert result["optimizers"]["adamw"]["seeds"] == result["optimizers"][result["best_non_adamw"]]["seeds"] == 2
+    # fewer trained parameters, less state: the measured bytes agree with what the two methods are for
+    sltrain, galore = result["optimizers"]["sltrain"]["vs_adamw"], result["optimizers"]["galore"]["vs_adamw"]
+    assert sltrain["param_bytes"] < 1 and galore["optimizer_state_bytes"] < 1
+    assert set(result["bars_350M"]) == {"galore", "sltrain"}
+
+
+def test_growth_smoke(tmp_path):
+    result = run_smoke("growth.py", tmp_path)
+    assert result["benchmark"] == "growth" and result["peer"] == "scratch"
+    assert result["small_layers"] * result["depth"] == result["deep_model"]["n_layers"]
+    for run in ("small", "grown", "scratch"):
+        assert result[run]["final_bpb"] > 0 and result[run]["curve"][-1][1] == result[run]["final_bpb"]
+    assert result["grown"]["curve"][-1][0] == result["scratch"]["curve"][-1][0] == result["deep_tokens"]
+    assert 0 < result["small_flops_per_deep_token_flops"] < 1
+    for key in ("grown_tokens_to_scratch_final", "token_ratio", "token_ratio_with_small_flops", "bar", "met"):
+        assert key in result
