@@ -15,14 +15,13 @@ from torch.distributed.fsdp import fully_shard
 from tokenmill import TokenmillError
 from tokenmill.model import Llama
 from tokenmill.recipe import parse_recipe
-from tokenmill.tokens.loader import TokenLoader
 from tokenmill.train import loop
 from tokenmill.train.checkpoint import load_trained_model
 from tokenmill.train.config import AdamWConfig, SLTrainConfig
 from tokenmill.train.galore import GaLoreAdamW
 from tokenmill.train.optim import Combined, build_adamw, build_optimizer
 
-from test_train import model_cfg, read_metrics, tokens, train_cfg  # noqa: F401  (tokens is a fixture)
+from test_train import model_cfg, read_metrics, tokens, train_cfg, train_killed  # noqa: F401  (tokens is a fixture)
 
 CPU = torch.device("cpu")
 OPTIMIZERS = {
@@ -162,17 +161,7 @@ def test_each_optimizer_learns_and_resumes_bit_identically(name, tokens, tmp_pat
     losses = [r["loss"] for r in straight if "loss" in r]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
 
-    real_batch = TokenLoader.batch
-
-    def batch(self, step):
-        if step == 13 * cfg.grad_accum_steps():  # dies during step 14, after the checkpoint of step 10
-            raise KeyboardInterrupt
-        return real_batch(self, step)
-
-    monkeypatch.setattr(TokenLoader, "batch", batch)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
-    monkeypatch.undo()
+    train_killed(cfg, tokens, tmp_path / "resumed", monkeypatch, die_in_step=14)  # after the step-10 checkpoint
     loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
 
     resumed = read_metrics(tmp_path / "resumed")

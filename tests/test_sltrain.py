@@ -9,10 +9,9 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
-from test_train import model_cfg, read_metrics, tokens, train_cfg  # noqa: F401  (tokens is a fixture)
+from test_train import model_cfg, read_metrics, tokens, train_cfg, train_killed  # noqa: F401  (tokens is a fixture)
 from tokenmill import TokenmillError
 from tokenmill.model import Llama, export_hf
-from tokenmill.tokens.loader import TokenLoader
 from tokenmill.train import loop
 from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint
 from tokenmill.train.config import SLTrainConfig
@@ -98,17 +97,7 @@ def test_sltrain_learns_and_exports_dense_weights_transformers_loads(tokens, tmp
 def test_resume_after_crash_is_bit_identical(tokens, tmp_path, monkeypatch):
     cfg = train_cfg(max_steps=12, ckpt_every=6, log_every=1, optimizer=SETTINGS)
     loop.train(model_cfg(), cfg, tokens, tmp_path / "straight", progress=False)
-    real_batch = TokenLoader.batch
-
-    def batch(self, step):
-        if step == 8 * cfg.grad_accum_steps():  # dies during step 9, after the checkpoint of step 6
-            raise KeyboardInterrupt
-        return real_batch(self, step)
-
-    monkeypatch.setattr(TokenLoader, "batch", batch)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
-    monkeypatch.undo()
+    train_killed(cfg, tokens, tmp_path / "resumed", monkeypatch, die_in_step=9)  # after the step-6 checkpoint
     loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
 
     models = [sltrain_model(seed=99) for _ in range(2)]  # another seed: the checkpoint restores the support

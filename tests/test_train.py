@@ -68,6 +68,22 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_killed(cfg: TrainConfig, tokens: Path, out: Path, monkeypatch, die_in_step: int) -> None:
+    """Train into ``out`` until a KeyboardInterrupt (as Ctrl-C) while loading step ``die_in_step``'s
+    batches; a rerun of the same ``loop.train`` then resumes it."""
+    real_batch = TokenLoader.batch
+
+    def batch(self, step):
+        if step == (die_in_step - 1) * cfg.grad_accum_steps():
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(TokenLoader, "batch", batch)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(model_cfg(), cfg, tokens, out, progress=False)
+    monkeypatch.undo()
+
+
 # ---- schedules and config ----------------------------------------------------------------------
 
 
@@ -183,18 +199,8 @@ def test_resume_after_crash_is_bit_identical(tokens, tmp_path, monkeypatch):
     cfg = train_cfg(max_steps=20, ckpt_every=10, log_every=1, doc_mask=True)
     loop.train(model_cfg(), cfg, tokens, tmp_path / "straight", progress=False)
 
-    real_batch = TokenLoader.batch
-
-    def batch(self, step):
-        if step == 13 * cfg.grad_accum_steps():  # dies during step 14, after logging steps 11..13
-            raise KeyboardInterrupt
-        return real_batch(self, step)
-
-    monkeypatch.setattr(TokenLoader, "batch", batch)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
-    assert max(r["step"] for r in read_metrics(tmp_path / "resumed")) == 13
-    monkeypatch.undo()
+    train_killed(cfg, tokens, tmp_path / "resumed", monkeypatch, die_in_step=14)
+    assert max(r["step"] for r in read_metrics(tmp_path / "resumed")) == 13  # logged steps 11..13, then died
     summary = loop.train(model_cfg(), cfg, tokens, tmp_path / "resumed", progress=False)
 
     weights = [load_trained_model(p / "checkpoints")[0].state_dict() for p in (tmp_path / "straight", tmp_path / "resumed")]
