@@ -35,7 +35,7 @@ def funnel_table(run_dir: Path) -> str:
         s = d.read_stats()
         reasons = sorted(s.removed.items(), key=lambda kv: -kv[1])[:3]
         rows.append((d.name, s.input_docs, s.kept_docs, s.removed_docs, s.counters.get("heldout_docs"),
-                     f"{s.kept_bytes / 1e6:.2f}", ", ".join(f"{k} {v}" for k, v in reasons) or "-"))
+                     round(s.kept_bytes / 1e6, 2), ", ".join(f"{k} {v}" for k, v in reasons) or "-"))
     return text_table(["step", "in docs", "kept", "removed", "held out", "kept MB", "top reasons"], rows)
 
 
