@@ -16,18 +16,15 @@ which is what growth costs in compute. The corpus split, tokenizer and training 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from data_efficiency import tokens_to_reach
-from optimizers import DEMO_CORPUS, SCALES as DATA_SCALES, Scale, model_config, prepare, run_curve
+from optimizers import SCALES as DATA_SCALES, Scale, corpus_of, model_config, prepare, run_curve, training_parser
 from tokenmill.model.llama import Llama, ModelConfig
 
 BAR = 0.75
@@ -53,26 +50,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--preset", default=None, help="deep model preset on the GPU scale (e.g. 124M); default: the "
-                        "CPU shape")
-    parser.add_argument("--smoke", action="store_true", help="the bundled demo corpus, a tiny shape, a few steps")
+    parser = training_parser(__doc__.splitlines()[0], "/tmp/tokenmill-growth")
     parser.add_argument("--steps", type=int, default=None, help="override T, the deep runs' steps")
     parser.add_argument("--small-steps", type=int, default=None, help="override S, the small run's steps")
-    parser.add_argument("--corpus", type=Path, default=None,
-                        help="folder of <domain>.jsonl(.gz) files (default: $TOKENMILL_CORPUS, the build script's "
-                        "output, or with --smoke the bundled demo corpus)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tokenmill-growth"))
     args = parser.parse_args(argv)
 
     growth = SCALES["smoke" if args.smoke else "gpu" if args.preset else "cpu"]
     scale = replace(growth.data, steps=args.steps or growth.data.steps,
                     model=dict(preset=args.preset) if args.preset else growth.data.model)
     small_steps = args.small_steps or growth.small_steps
-    corpus = args.corpus or (DEMO_CORPUS if args.smoke else Path(os.environ.get("TOKENMILL_CORPUS",
-                                                                               "/tmp/tokenmill-corpus/out")))
+    corpus = corpus_of(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = prepare(corpus, scale, args.workdir)

@@ -209,27 +209,37 @@ def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
             for i, (tokens, _) in enumerate(runs[0]["curve"])]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_parser(description: str, workdir: str) -> argparse.ArgumentParser:
+    """The options this benchmark and growth.py share: where to train, which corpus, which scale."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--preset", default=None, help="model preset on the GPU scale (e.g. 124M); default: the CPU "
                         "shape")
     parser.add_argument("--smoke", action="store_true", help="the bundled demo corpus, a tiny shape, a few steps")
-    parser.add_argument("--steps", type=int, default=None, help="override the scale's steps per run")
-    parser.add_argument("--seeds", type=int, default=None, help="override the scale's seeds")
     parser.add_argument("--corpus", type=Path, default=None,
                         help="folder of <domain>.jsonl(.gz) files (default: $TOKENMILL_CORPUS, the build script's "
                         "output, or with --smoke the bundled demo corpus)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tokenmill-optimizers"))
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
+    return parser
+
+
+def corpus_of(args: argparse.Namespace) -> Path:
+    return args.corpus or (DEMO_CORPUS if args.smoke else Path(os.environ.get("TOKENMILL_CORPUS",
+                                                                             "/tmp/tokenmill-corpus/out")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = training_parser(__doc__.splitlines()[0], "/tmp/tokenmill-optimizers")
+    parser.add_argument("--steps", type=int, default=None, help="override the scale's steps per run")
+    parser.add_argument("--seeds", type=int, default=None, help="override the scale's seeds")
     args = parser.parse_args(argv)
 
     scale = SCALES["smoke" if args.smoke else "gpu" if args.preset else "cpu"]
     if args.preset:
         scale = replace(scale, model=dict(preset=args.preset))
     scale = replace(scale, steps=args.steps or scale.steps, seeds=args.seeds or scale.seeds)
-    corpus = args.corpus or (DEMO_CORPUS if args.smoke else Path(os.environ.get("TOKENMILL_CORPUS",
-                                                                               "/tmp/tokenmill-corpus/out")))
+    corpus = corpus_of(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = prepare(corpus, scale, args.workdir)
