@@ -19,6 +19,7 @@ from tokenmill.curate.length import LengthFilter
 from tokenmill.curate.minhash import MinHashDedup
 from tokenmill.curate.normalize import Normalize
 from tokenmill.curate.pii import PII
+from tokenmill.select.cluster import Cluster
 from tokenmill.select.color_filter import ColorFilter
 from tokenmill.select.dsir import Dsir
 from tokenmill.select.perplexity import PerplexityBand
@@ -28,7 +29,8 @@ from tokenmill.select.quality import QualityClassifier
 CURATION_STEPS: tuple[type[Step], ...] = (
     Extract, Normalize, Langid, LengthFilter, GopherQuality, GopherRepetition, C4, FineWebQuality, PII,
     ExactDedup, MinHashDedup, LineDedup, Decontaminate)
-SELECTION_STEPS: tuple[type[Step], ...] = (QualityClassifier, Dsir, PerplexityBand, ColorFilter, PreSelect)
+SELECTION_STEPS: tuple[type[Step], ...] = (QualityClassifier, Dsir, PerplexityBand, ColorFilter, PreSelect,
+                                             Cluster)
 
 
 def _by_name(classes: tuple[type[Step], ...]) -> dict[str, type[Step]]:

@@ -18,6 +18,9 @@ from tokenmill.console import text_table
 from tokenmill.documents.shards import list_shards
 from tokenmill.runfolder import RunFolder, StepFolder
 
+CLUSTER_COLUMN = "cluster"  # written by the ``cluster`` step (its default column)
+_CLUSTER_CHARS = 100  # per sample document: clusters are many, one line each keeps them on a screen
+
 
 def step_folders(run_dir: Path) -> list[StepFolder]:
     """The read stage and every completed step of a run, in order."""
@@ -62,7 +65,7 @@ def _snippet(text: str, chars: int) -> str:
 
 def _samples(table: pa.Table, n: int, rng: random.Random) -> list[dict]:
     idx = sorted(rng.sample(range(table.num_rows), min(n, table.num_rows)))
-    return table.take(idx).to_pylist()
+    return table.take(pa.array(idx, pa.int64())).to_pylist()  # typed: an empty sample is no null array
 
 
 def inspect_step(run_dir: Path, name: str, samples: int = 3, reason: str | None = None, chars: int = 300,
@@ -80,6 +83,9 @@ def inspect_step(run_dir: Path, name: str, samples: int = 3, reason: str | None 
         kept = pq.read_table(kept_shards[rng.randrange(len(kept_shards))])
         out.append(f"\n-- kept (sample of {min(samples, kept.num_rows)})")
         out += [f"[{r['id']}] {_snippet(r['text'], chars)}" for r in _samples(kept, samples, rng)]
+        if CLUSTER_COLUMN in kept.column_names:
+            # its own generator: the removed samples below stay those shown without a cluster column
+            out += _cluster_samples(kept_shards, samples, min(chars, _CLUSTER_CHARS), random.Random(seed))
     rejected_shards = list_shards(d.rejected)
     if not rejected_shards:
         note = "no removals" if not stats.removed_docs else "removed documents were not kept (keep_rejected: false)"
@@ -93,6 +99,28 @@ def inspect_step(run_dir: Path, name: str, samples: int = 3, reason: str | None 
         out += [f"[{row['id']}]{_duplicate_note(row)} {_snippet(row['text'], chars)}"
                 for row in _samples(part, samples, rng)]
     return "\n".join(out)
+
+
+def _cluster_samples(shards: list[Path], samples: int, chars: int, rng: random.Random) -> list[str]:
+    """Every cluster's size and a few of its documents: a cluster earns a name in a mixture only once its
+    members read alike. Sizes count every kept shard (one column read); samples come from shards in random
+    order until each cluster has enough, so a large run is not read whole."""
+    sizes = pc.value_counts(pa.chunked_array(
+        [pq.read_table(p, columns=[CLUSTER_COLUMN]).column(0) for p in shards])).to_pylist()
+    sizes = {s["values"]: s["counts"] for s in sorted(sizes, key=lambda s: str(s["values"]))}
+    picked: dict[str, list[dict]] = {name: [] for name in sizes}
+    for path in rng.sample(shards, len(shards)):
+        if all(len(rows) >= min(samples, sizes[name]) for name, rows in picked.items()):
+            break
+        table = pq.read_table(path, columns=["id", "text", CLUSTER_COLUMN])
+        for name, rows in picked.items():
+            part = table.filter(pc.equal(table.column(CLUSTER_COLUMN), name))
+            rows += _samples(part, samples - len(rows), rng)
+    out = [f"\n-- {len(sizes)} clusters ({CLUSTER_COLUMN} column)"]
+    for name, rows in picked.items():
+        out.append(f"{name} ({sizes[name]} documents)")
+        out += [f"  [{r['id']}] {_snippet(r['text'], chars)}" for r in rows]
+    return out
 
 
 def _duplicate_note(row: dict) -> str:
