@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
 from tokenmill import TokenmillError
 from tokenmill.curate.pipeline import run_pipeline
@@ -33,6 +34,7 @@ from tokenmill.files import read_json, write_json_atomic
 from tokenmill.recipe import Recipe, dump_recipe
 from tokenmill.runfolder import RunFolder, StageRecord
 from tokenmill.steps import STEPS
+from tokenmill.tokens.pack import PackConfig
 
 
 # Training settings that change how a run is watched, checkpointed or how fast it goes, not what it
@@ -47,9 +49,16 @@ def _fingerprint(upstream: str, inputs: dict[str, Any]) -> str:
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
+    if isinstance(node, dict) and (node or not prefix):  # a stage that reads no field has none to list
         return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): node}
+
+
+def _non_default(name: str, section: dict[str, Any], default: BaseModel) -> dict[str, Any]:
+    """A recipe section's fields that differ from ``default``'s, as ``name.field`` stage inputs: a run folder
+    made before the section existed keeps its fingerprint while the section stays at its defaults."""
+    defaults = default.model_dump(mode="json")
+    return {f"{name}.{key}": value for key, value in section.items() if value != defaults[key]}
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -107,7 +116,7 @@ class Runner:
         stages += [
             ("curate", {"curate.steps": [cfg["step"] for cfg in curate["steps"]]}),
             ("tokenizer", {"tokenizer": r["tokenizer"]}),
-            ("pack", {}),
+            ("pack", _non_default("pack", r["pack"], PackConfig())),
             ("train", {"model": r["model"],
                        **{f"train.{k}": v for k, v in train.items() if k not in TRAIN_CADENCE}}),
             ("export", {"train.max_steps": train["max_steps"]}),
@@ -214,7 +223,7 @@ class Runner:
 
         f = self.folder
         tok = load_tokenizer(f.tokenizer)
-        pack_documents(self.curated_shards(), tok, f.train_tokens, progress=self.progress)
+        pack_documents(self.curated_shards(), tok, f.train_tokens, progress=self.progress, config=self.recipe.pack)
         if not f.heldout_shard.exists():
             write_parquet_atomic(pq.read_table(f.heldout), f.heldout_shard)
         pack_documents([f.heldout_shard], tok, f.heldout_tokens, progress=self.progress)
