@@ -1,4 +1,4 @@
-"""The optimizer and growth benchmarks end to end at their --smoke scale (bundled demo corpus, a few steps):
+"""The optimizer, growth and mixtures benchmarks end to end at their --smoke scale (bundled demo corpus, a few steps):
 each prints one JSON line on stdout with the keys its README row promises."""
 
 from __future__ import annotations
@@ -8,15 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import DEMO_DATA
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_smoke(script: str, workdir: Path) -> dict:
+def run_smoke(script: str, workdir: Path, *extra: str) -> dict:
     """Run the script as a user would (its folder on sys.path, one thread); stdout must be one JSON line."""
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--corpus", str(DEMO_DATA),
-                           "--threads", "1", "--workdir", str(workdir)],
+                           "--threads", "1", "--workdir", str(workdir), *extra],
                           capture_output=True, text=True, timeout=120, check=True)
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
@@ -54,3 +55,22 @@ def test_growth_smoke(tmp_path):
     assert 0 < result["small_flops_per_deep_token_flops"] < 1
     for key in ("grown_tokens_to_scratch_final", "token_ratio", "token_ratio_with_small_flops", "bar", "met"):
         assert key in result
+
+
+def test_mixtures_smoke(tmp_path):
+    result = run_smoke("mixtures.py", tmp_path, "--seeds", "2", "--fractions", "0.5")
+    assert result["benchmark"] == "mixtures" and result["peer"] == "natural"
+    assert set(result["arms"]) == {"natural", "uniform", "searched_macro", "searched_pair", "doremi", "upsample_end",
+                                   "meco", "related"}
+    for row in result["arms"].values():
+        assert row["final_macro_bpb"] > 0 and set(row["per_domain_bpb"]) == set(result["domains"])
+    for name, target in (("searched_macro", "macro"), ("searched_pair", "pair")):
+        weights = result["arms"][name]["weights"]
+        assert sum(weights.values()) == pytest.approx(1, abs=1e-3)
+        assert [tokens for tokens, _ in result["arms"][name]["complete_runs"][target]] == sorted(
+            tokens for tokens, _ in result["arms"][name]["complete_runs"][target])
+    assert result["search"]["proxies"] == len(result["proxies"]) >= 5 and result["search"]["proxy_flops"] > 0
+    doremi = result["arms"]["doremi"]["weights"]
+    assert set(doremi) == set(result["domains"]) and sum(doremi.values()) == pytest.approx(1, abs=1e-3)
+    assert set(result["met"]) == {"searched_macro", "searched_pair", "rho", "upsample_end_pair_better",
+                                  "upsample_end_macro_within_noise", "meco"}

@@ -116,3 +116,18 @@ def test_missing_recipe_and_bad_json_are_clear_errors(tmp_path):
         f.write('{"tokens": 1, "loss"\n')
     with pytest.raises(TokenmillError, match=rf"metrics.jsonl:{bad_line}:"):
         write_report(tmp_path)
+
+
+def test_mixture_section_plots_the_realised_mixture_and_doremi_weights(tmp_path):
+    root = make_run(tmp_path)
+    lines = [{"step": s, "tokens": 4096 * s, "loss": 5.0, "mix/bible": 0.25 if s < 40 else 0.75,
+              "mix/code": 0.75 if s < 40 else 0.25} for s in (10, 20, 30, 40, 50)]
+    lines += [{"step": s, "tokens": 4096 * s, "weight/bible": 0.5 + s / 200, "weight/code": 0.5 - s / 200}
+              for s in range(1, 51)]
+    (root / "train" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (root / "train" / "summary.json").write_text(json.dumps({"doremi_mean_weights": {"bible": 0.63, "code": 0.37}}))
+    page = write_report(root).read_text(encoding="utf-8")
+    section = page[page.index('<section id="mixture">'):]
+    section = section[:section.index("</section>")]
+    assert "DoReMi mean weight" in section and section.count("data:image/png;base64") == 1
+    assert "<td>bible</td><td>0.4500</td><td>0.6300</td>" in section  # (3 × 0.25 + 2 × 0.75) / 5

@@ -180,7 +180,8 @@ def test_train_learns_logs_and_checkpoints(tokens, tmp_path):
     val_recs = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20, 25, 30]
     assert set(train_recs[0]) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                                  "peak_memory_gib", "elapsed_s", "loss/prose", "loss/code"}
+                                  "peak_memory_gib", "elapsed_s", "loss/prose", "loss/code", "mix/prose", "mix/code"}
+    assert all(r["mix/prose"] + r["mix/code"] == pytest.approx(1) for r in train_recs)  # the realised mixture
     assert train_recs[0]["tokens"] == 5 * 8 * SEQ and train_recs[0]["mfu"] is None
     assert train_recs[0]["peak_memory_gib"] is None  # CUDA only
     for r in train_recs:  # the mean over all sequences lies between the two domains' means

@@ -130,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", action="store_true", help="fit a scaling law to the runs' final validation losses")
     p.add_argument("--bootstrap", type=_positive_int, default=200, metavar="N",
                    help="bootstrap resamples for the fit's intervals (default 200)")
+
+    mix = sub.add_parser("mix", help="domain mixtures: search for the weights to train a recipe with",
+                         description="Domain mixtures of a recipe's corpus.")
+    mix_sub = mix.add_subparsers(dest="mix_command", required=True, metavar="COMMAND")
+    p = mix_sub.add_parser("search", help="find domain weights with small proxy models (RegMix / CLIMB)",
+                           description="Train small proxies of the recipe's model on sampled domain mixtures, fit a "
+                                       "regressor from weights to held-out bits per byte and predict the best "
+                                       "mixture (settings: the recipe's mix_search section). Writes OUT/search.json, "
+                                       "OUT/proxies.csv and OUT/best_mixture.yaml; rerunning resumes.")
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("--out", type=Path, required=True, help="search folder, e.g. runs/mix-x")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set mix_search.proxies=32 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -166,12 +180,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tokenmill.evaluate.compare import compare_runs, summary_table
+    from tokenmill.evaluate.compare import compare_runs, cost_table, summary_table
     from tokenmill.report.compare_report import write_compare
 
     result = compare_runs(args.runs, fit=args.fit, n_bootstrap=args.bootstrap)
     for warning in result["warnings"]:
         print(f"warning: {warning}")
+    print("compute:")
+    print(cost_table(result) + "\n")
     print(f"at equal tokens ({result['equal_tokens']['tokens']:,.0f}):")
     print(summary_table(result, "equal_tokens"))
     print(f"\nat equal compute ({result['equal_compute']['flops']:.3g} FLOPs):")
@@ -277,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "compare":
             _compare(args)
+            return 0
+
+        if args.command == "mix":
+            from tokenmill.mix_search import search_mixture
+            from tokenmill.recipe import load_recipe
+
+            search_mixture(load_recipe(args.recipe, args.overrides, preflight=True), args.out,
+                           progress=not args.no_progress)
             return 0
 
         if args.command == "steps":

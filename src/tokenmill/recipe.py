@@ -24,7 +24,9 @@ from tokenmill import TokenmillError
 from tokenmill.documents.ingest import HeldoutConfig
 from tokenmill.documents.readers import SourceConfig, resolve_paths
 from tokenmill.model.llama import ModelConfig
+from tokenmill.select.mixture_search import MixSearchConfig
 from tokenmill.steps import STEPS
+from tokenmill.tokens.pack import INDEX_COLUMNS, PackConfig
 from tokenmill.tokens.tokenizer import TokenizerConfig
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.sources import source_folders
@@ -66,9 +68,13 @@ class Recipe(_Strict):
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    mix_search: MixSearchConfig | None = Field(None, description="How `tokenmill mix search` looks for this "
+                                               "recipe's train.domain_weights with small proxy models (null: "
+                                               "its defaults); a run ignores it.")
 
     @model_validator(mode="after")
     def _tokenizer_of_init_checkpoint(self) -> "Recipe":
@@ -109,6 +115,35 @@ class Recipe(_Strict):
         if not self.model.init_from and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len="
                              f"{self.model.max_seq_len}: lower seq_len or raise max_seq_len")
+        return self
+
+
+    @model_validator(mode="after")
+    def _mixture_names_known_streams(self) -> "Recipe":
+        """Mixture weights may only name streams the run will have: the sources' domains when every source
+        names its own, or the cluster step's clusters when streams are clusters."""
+        named = set(self.train.domain_weights or {}) | (self.train.mixture.domains() if self.train.mixture else set())
+        known: set[str] | None = None
+        if self.pack.domain_field == "domain" and all(src.domain for src in self.sources):
+            known = {src.domain for src in self.sources}
+        elif self.pack.domain_field == "cluster":
+            clusters = [cfg for cfg in self.curate.steps if cfg.step == "cluster"]
+            if not clusters:
+                raise ValueError("pack.domain_field: cluster needs a cluster step in curate.steps")
+            width = len(str(clusters[-1].n_clusters - 1))
+            known = {f"cluster-{i:0{width}d}" for i in range(clusters[-1].n_clusters)}
+        unknown = sorted(named - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"the train mixture names {unknown}, which the run will not have; its "
+                             f"{self.pack.domain_field} streams are {sorted(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _metadata_field_in_the_token_index(self) -> "Recipe":
+        """MeCo reads each document's metadata from the token index, so packing must keep the field."""
+        field = self.train.metadata.field if self.train.metadata else None
+        if field and field not in INDEX_COLUMNS and field not in self.pack.index_fields:
+            self.pack.index_fields.append(field)
         return self
 
 
@@ -281,6 +316,12 @@ def load_recipe(path: Path, overrides: list[str] | None = None, *, preflight: bo
     curate = data.get("curate")
     if isinstance(curate, dict) and isinstance(curate.get("steps"), list):
         _absolute_step_paths(curate["steps"], path.parent)
+    mixture = (data.get("train") or {}).get("mixture") if isinstance(data.get("train"), dict) else None
+    if isinstance(mixture, dict):
+        for section, key in (("doremi", "reference"), (None, "searched")):
+            part = mixture.get(section) if section else mixture
+            if isinstance(part, dict) and isinstance(part.get(key), str):
+                part[key] = _absolute(part[key], path.parent)
     return parse_recipe(data, str(path), preflight=preflight)
 
 

@@ -103,6 +103,24 @@ class SelectCost(_Record):
     seconds: float = Field(ge=0, description="Wall-clock seconds the selection took, end to end.")
 
 
+MIX_SEARCH = "search.json"  # in a `tokenmill mix search` folder: its proxies, fit, answer and ``cost``
+
+
+def read_mix_search_cost(search_dir: Path) -> SelectCost | None:
+    """The proxy compute of a ``tokenmill mix search`` folder (the ``cost`` in its ``search.json``), which
+    comparisons charge to a run trained on the mixture it found; None when the search never finished."""
+    path = Path(search_dir) / MIX_SEARCH
+    data = read_json(path)
+    if data is None:
+        return None
+    try:
+        return SelectCost.model_validate(data.get("cost") if isinstance(data, dict) else data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())
+        raise TokenmillError(f"{path}: no valid cost record ({problems}); rerun `tokenmill mix search` with the "
+                             f"same --out to rewrite it") from None
+
+
 class StageRecord(_Record):
     """What a stage's outputs were made from: the recipe fields it reads (``inputs``, keyed by their
     dotted recipe path) and a fingerprint of those and of every upstream stage's."""

@@ -14,9 +14,11 @@ Each run folder becomes series of ``(tokens seen, value)`` per metric:
   run's final token count;
 - ``<task>/<metric>``: lm-evaluation-harness results (``eval/harness.json``), one point likewise.
 
-Training compute at D tokens is ``select_flops + flops_per_token · D``: the model's own count per token
-(6·N plus attention, ``Llama.flops_per_token``) and the data-selection cost the run declares in
-``select_cost.json`` (``tokenmill.runfolder.SelectCost``). The equal-tokens view reads each metric at the
+Training compute at D tokens is ``select_flops + mix_search_flops + flops_per_token · D``: the model's own
+count per token (6·N plus attention, ``Llama.flops_per_token``), the data-selection cost the run declares in
+``select_cost.json`` (``tokenmill.runfolder.SelectCost``) and, for a run whose domain weights came from
+``tokenmill mix search`` (``train.mixture.searched`` names the search folder), every proxy that search
+trained and scored (its ``search.json``'s cost). The equal-tokens view reads each metric at the
 largest token count all runs reached, the equal-compute view at the largest FLOP count all reached.
 Between logged points a value is interpolated linearly in log tokens; a run whose series does not span
 the point has no value there, so one-point metrics appear in a view only when the runs end on that point.
@@ -42,7 +44,7 @@ from tokenmill.files import read_json
 from tokenmill.model.hf import hf_model_config
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.recipe import Recipe
-from tokenmill.runfolder import RunFolder, SelectCost, harness_rows
+from tokenmill.runfolder import RunFolder, SelectCost, harness_rows, read_mix_search_cost
 
 _GROUPS = ("val_loss", "val_bpb", "bpb", "eval_bpb")  # metric families in display order; harness metrics come after
 
@@ -56,6 +58,7 @@ class RunCurves:
     params: int  # N in 6·N·D: the matmul weights, output head included
     flops_per_token: float
     select: SelectCost | None
+    mix_search: SelectCost | None  # the proxy compute of the mixture search the run's weights came from
     tokenizer: str | None  # fingerprint of the tokenizer the run packed its tokens with
     tokens: float  # tokens seen by the end of training
     series: dict[str, list[tuple[float, float]]]
@@ -65,11 +68,15 @@ class RunCurves:
     def select_flops(self) -> float:
         return self.select.flops if self.select else 0.0
 
+    @property
+    def mix_search_flops(self) -> float:
+        return self.mix_search.flops if self.mix_search else 0.0
+
     def flops(self, tokens: float) -> float:
-        return self.select_flops + self.flops_per_token * tokens
+        return self.select_flops + self.mix_search_flops + self.flops_per_token * tokens
 
     def tokens_at(self, flops: float) -> float:
-        return (flops - self.select_flops) / self.flops_per_token
+        return (flops - self.select_flops - self.mix_search_flops) / self.flops_per_token
 
 
 def load_run(path: Path, name: str | None = None) -> RunCurves:
@@ -96,7 +103,21 @@ def load_run(path: Path, name: str | None = None) -> RunCurves:
         higher_is_better[f"{task}/{metric}"] = bool(better)
     return RunCurves(name or path.name, path, model.num_params(exclude_embedding=True),
                      float(model.flops_per_token(recipe.train.seq_len)), folder.read_select_cost(),
-                     train_meta.get("tokenizer_fingerprint"), tokens, series, higher_is_better)
+                     _mix_search_cost(recipe), train_meta.get("tokenizer_fingerprint"), tokens, series,
+                     higher_is_better)
+
+
+def _mix_search_cost(recipe: Recipe) -> SelectCost | None:
+    """The proxy compute of the ``tokenmill mix search`` folder the run's mixture names, if it names one."""
+    searched = recipe.train.mixture.searched if recipe.train.mixture else None
+    if not searched:
+        return None
+    cost = read_mix_search_cost(Path(searched))
+    if cost is None:
+        raise TokenmillError(f"train.mixture.searched={searched}: no finished mixture search there (search.json "
+                             f"is missing), so its proxy compute cannot be charged; point it at the search "
+                             f"folder, or rerun `tokenmill mix search` into it")
+    return cost
 
 
 def _model_config(path: Path, recipe: Recipe, train_meta: dict) -> ModelConfig:
@@ -132,7 +153,8 @@ def compare_runs(paths: list[Path], *, fit: bool = False, n_bootstrap: int = 200
     result = {
         "runs": [{"name": r.name, "path": str(r.path), "params": r.params, "flops_per_token": r.flops_per_token,
                   "tokens": r.tokens, "train_flops": r.flops_per_token * r.tokens, "select_flops": r.select_flops,
-                  "select_seconds": r.select.seconds if r.select else None, "flops": r.flops(r.tokens),
+                  "select_seconds": r.select.seconds if r.select else None, "mix_search_flops": r.mix_search_flops,
+                  "mix_search_seconds": r.mix_search.seconds if r.mix_search else None, "flops": r.flops(r.tokens),
                   "tokenizer": r.tokenizer} for r in runs],
         "same_tokenizer": same_tokenizer,
         "warnings": warnings,
@@ -187,6 +209,13 @@ def summary_table(result: dict, view: str) -> str:
     rows = [(metric + ("  (not comparable)" if not result["metrics"][metric]["comparable"] else ""),
              *(values[n] for n in names)) for metric, values in result[view]["values"].items()]
     return text_table(["metric", *names], rows)
+
+
+def cost_table(result: dict) -> str:
+    """Each run's compute as a terminal table: training, data selection, mixture search, their total."""
+    return text_table(["run", "tokens", "training FLOPs", "selection FLOPs", "mixture-search FLOPs", "total FLOPs"],
+                      [(r["name"], int(r["tokens"]), r["train_flops"], r["select_flops"] or None,
+                        r["mix_search_flops"] or None, r["flops"]) for r in result["runs"]])
 
 
 def _training_series(metrics: list[dict], heldout_domains: dict) -> dict[str, list[tuple[float, float]]]:

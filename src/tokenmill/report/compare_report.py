@@ -36,12 +36,13 @@ def _flops(value: float) -> str:
 
 def _runs(result: dict) -> str:
     rows = [(r["name"], r["params"], int(r["tokens"]), _flops(r["flops_per_token"]), _flops(r["train_flops"]),
-             _flops(r["select_flops"]) if r["select_flops"] else "–", r["select_seconds"], _flops(r["flops"]),
+             _flops(r["select_flops"]) if r["select_flops"] else "–", r["select_seconds"],
+             _flops(r["mix_search_flops"]) if r["mix_search_flops"] else "–", _flops(r["flops"]),
              r["tokenizer"] or "unknown") for r in result["runs"]]
     warnings = "".join(f'<p class="warning">{escape(w)}</p>' for w in result["warnings"])
     return warnings + table(
         ["run", "parameters N", "tokens seen", "FLOPs per token", "training FLOPs", "selection FLOPs",
-         "selection seconds", "total FLOPs", "tokenizer"], rows) + (
+         "selection seconds", "mixture-search FLOPs", "total FLOPs", "tokenizer"], rows) + (
         "<p>Training FLOPs are 6·N·D plus attention (the model's own count per token); selection FLOPs come "
         "from a run's <code>select_cost.json</code>.</p>")
 
@@ -116,7 +117,7 @@ def _figure(result: dict, rows: list[tuple[str, list[str]]]) -> str:
             for metric in metrics:
                 points = result["series"][run["name"]].get(metric, [])
                 tokens, values = [t for t, _ in points], [v for _, v in points]
-                flops = [run["select_flops"] + run["flops_per_token"] * t for t in tokens]
+                flops = [run["select_flops"] + run["mix_search_flops"] + run["flops_per_token"] * t for t in tokens]
                 style = dict(color=color, marker="D", markersize=7, linestyle="none") if len(points) == 1 else \
                     dict(color=color, marker="o", markersize=3, linestyle=":" if metric.startswith("val_bpb") else "-")
                 by_tokens.plot(tokens, values, label=run["name"] if metric == metrics[0] else None, **style)

@@ -28,6 +28,7 @@ def write_report(run_dir: Path) -> Path:
         "curation": _curation([step.read_stats() for step in f.steps()]),
         "tokens": _tokens(read_json(f.train_tokens / "meta.json")),
         "training": _training(f.read_metrics(), timings, read_json(f.summary)),
+        "mixture": _mixture(f.read_metrics(), read_json(f.summary)),
         "evaluation": (_bits_per_byte(f.read_bpb()) + _harness(read_json(f.harness))
                        + _membership(read_json(f.membership))),
         "model": _model(f.model),
@@ -147,6 +148,40 @@ def _training(metrics: list[dict] | None, timings: dict | None, summary: dict | 
     if bpb:
         _plot_curves(axes[1], bpb, bpb_keys, "held-out", "bits per byte")
     return table(["figure", "value"], figures) + png(fig)
+
+
+def _mixture(metrics: list[dict] | None, summary: dict | None) -> str:
+    """The mixture training realised, per metric line (each domain's share of the sequences since the
+    previous line), and DoReMi's weights step by step when they were set online."""
+    if metrics is None:
+        return not_run("train/metrics.jsonl")
+    realised, domains = _family(metrics, "mix")
+    weights, weighted = _family(metrics, "weight")
+    if not realised:
+        return "<p>No realised mixture logged (runs before this report version did not log it).</p>"
+    fig = Figure(figsize=(14 if weights else 8, 4))
+    axes = fig.subplots(1, 2 if weights else 1, squeeze=False)[0]
+    axes[0].stackplot([m["tokens"] for m in realised], *[[m.get(k, 0.0) for m in realised] for k in domains],
+                      labels=[k.partition("/")[2] for k in domains], step="pre")
+    axes[0].set(xlabel="tokens", ylabel="share of sequences", ylim=(0, 1), title="realised mixture")
+    axes[0].legend(fontsize="small", loc="upper left")
+    rows = [(k.partition("/")[2], sum(m.get(k, 0.0) for m in realised) / len(realised)) for k in domains]
+    headers = ["domain", "mean realised share"]
+    if weights:
+        for k in weighted:
+            axes[1].plot([m["tokens"] for m in weights], [m[k] for m in weights], label=k.partition("/")[2])
+        axes[1].set(xlabel="tokens", ylabel="sampling weight", title="DoReMi weights")
+        axes[1].legend(fontsize="small")
+        mean = (summary or {}).get("doremi_mean_weights") or {}
+        rows = [(d, share, mean.get(d)) for d, share in rows]
+        headers.append("DoReMi mean weight")
+    return table(headers, rows) + png(fig)
+
+
+def _family(metrics: list[dict], family: str) -> tuple[list[dict], list[str]]:
+    """The records with keys ``family/<domain>``, and those keys."""
+    keys = sorted({k for m in metrics for k in m if k.startswith(f"{family}/")})
+    return [m for m in metrics if any(k in m for k in keys)], keys
 
 
 def _curve_records(metrics: list[dict], family: str) -> tuple[list[dict], list[str]]:

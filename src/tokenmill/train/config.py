@@ -85,6 +85,100 @@ OptimizerConfig = Annotated[
 ]
 
 
+class MixturePhase(BaseModel):
+    """One stretch of training with fixed domain weights."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    until: float = Field(gt=0, le=1, description="Where the phase ends, as a fraction of max_steps (the last "
+                         "phase ends at 1.0); phases change at the optimizer step nearest to it.")
+    weights: dict[str, float] | None = Field(
+        None, description="Sampling weight per domain (absent = 0); null = natural proportions.")
+    upsample: dict[str, float] | None = Field(
+        None, description="Multipliers on the natural proportions (absent = ×1), e.g. {code: 4} for "
+        "end-of-training upsampling; exclusive with weights.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "MixturePhase":
+        if self.weights is not None and self.upsample is not None:
+            raise ValueError("set weights or upsample, not both")
+        for what, values in (("weights", self.weights), ("upsample", self.upsample)):
+            if values is not None and (any(v < 0 for v in values.values()) or
+                                       (what == "weights" and not any(v > 0 for v in values.values()))):
+                raise ValueError(f"{what} must be >= 0{' and not all 0' if what == 'weights' else ''}; got {values}")
+        return self
+
+
+class DoReMiConfig(BaseModel):
+    """DoReMi (Xie et al. 2023): group DRO over domains. After every step, each domain's excess loss over
+    the reference run's, clipped at 0, raises its weight by exponentiated gradient; the weights are then
+    smoothed toward uniform. Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    reference: str = Field(description="A finished run folder (or its train/ folder) of the same tokens whose "
+                           "final per-domain validation loss is the reference loss.")
+    step_size: float = Field(1.0, gt=0, description="Exponentiated-gradient step size (the paper's eta).")
+    smoothing: float = Field(1e-3, ge=0, le=1, description="Mix of uniform weights after each update (c).")
+
+
+class MixtureConfig(BaseModel):
+    """How much of each domain training sees, and when: phases over the token budget, optionally
+    reweighted online. Mixing happens in the loader, so no schedule needs new tokens."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    phases: list[MixturePhase] = Field(
+        default_factory=lambda: [MixturePhase(until=1.0)], min_length=1,
+        description="Phases in order; each ends at its `until` and the last at 1.0. Default: one phase of "
+        "natural proportions.")
+    online: Literal["none", "doremi"] = Field(
+        "none", description="'doremi' sets the weights every step from the excess loss (phases must be one).")
+    doremi: DoReMiConfig | None = Field(None, description="doremi only: its reference run and settings.")
+    sequence_weighting: Literal["none", "loss"] = Field(
+        "none", description="'loss' weights each sequence's loss in a batch by softmax(loss / temperature) "
+        "× batch size, so harder sequences count more (loss-based sample reweighting).")
+    temperature: float = Field(1.0, gt=0, description="sequence_weighting 'loss' only: softmax temperature; "
+                               "large is uniform.")
+    searched: str | None = Field(None, description="The `tokenmill mix search` folder these weights came from; "
+                                 "`tokenmill compare` adds its proxy compute to this run's.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixtureConfig":
+        ends = [p.until for p in self.phases]
+        if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+            raise ValueError(f"phases must end at increasing fractions and the last at 1.0 (cover the whole "
+                             f"budget); got until={ends}")
+        if self.online == "doremi" and (self.doremi is None or len(self.phases) > 1):
+            raise ValueError("online: doremi needs mixture.doremi.reference and a single phase (its start weights)")
+        if self.online == "none" and self.doremi is not None:
+            raise ValueError("mixture.doremi is set but online is 'none'; set online: doremi")
+        return self
+
+    def domains(self) -> set[str]:
+        """Every domain a phase names."""
+        return {d for p in self.phases for d in {**(p.weights or {}), **(p.upsample or {})}}
+
+
+class MetadataConfig(BaseModel):
+    """Metadata conditioning then cool-down (MeCo, Gao et al. 2025): each training document is preceded by
+    its metadata (no loss on those tokens) until the last ``cooldown_fraction`` of steps, which train on
+    plain documents; evaluation never sees metadata."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    field: str = Field("domain", description="Document field to show: a core column (domain, source) or "
+                       "meta.<key> (e.g. meta.url); the pack stage keeps it in the token index.")
+    template: str = Field("{value}\n\n", description="How the value is written before the document.")
+    cooldown_fraction: float = Field(0.1, ge=0, lt=1, description="Final fraction of steps without metadata.")
+
+    @model_validator(mode="after")
+    def _template_has_value(self) -> "MetadataConfig":
+        if "{value}" not in self.template:
+            raise ValueError(f"template must contain {{value}}; got {self.template!r}")
+        return self
+
+
 class TrainConfig(BaseModel):
     """One training run's settings; the network's shape lives in ``ModelConfig``. No setting may be
     inf or NaN, which would surface as a NaN loss (or an optimizer error) only once training runs."""
@@ -155,8 +249,14 @@ class TrainConfig(BaseModel):
     tensorboard: bool = Field(False, description="Also write metrics to train/tensorboard/ (needs tensorboard).")
     wandb: WandbConfig | None = Field(None, description="Also log metrics to Weights & Biases (needs wandb).")
     domain_weights: dict[str, float] | None = Field(
-        None, description="Sampling weight per domain for the loader; None = natural proportions."
+        None, description="Sampling weight per domain for the loader; None = natural proportions. A shorthand "
+        "for a mixture of one phase; exclusive with mixture."
     )
+    mixture: MixtureConfig | None = Field(
+        None, description="Domain weights over training: phases (end-of-training upsampling), online DoReMi, "
+        "loss-based sequence weighting.")
+    metadata: MetadataConfig | None = Field(
+        None, description="Metadata conditioning then cool-down (MeCo); null trains on plain documents.")
     doc_mask: bool = Field(
         False, description="Stop attention across end-of-document tokens (needs the model's eos_id)."
     )
@@ -165,6 +265,25 @@ class TrainConfig(BaseModel):
     def _check_batch(self) -> "TrainConfig":
         self.grad_accum_steps(world_size=1)
         return self
+
+    @model_validator(mode="after")
+    def _one_mixture(self) -> "TrainConfig":
+        if self.domain_weights is not None and self.mixture is not None:
+            raise ValueError("set train.domain_weights or train.mixture, not both (domain_weights is a "
+                             "one-phase mixture: mixture.phases: [{until: 1.0, weights: ...}])")
+        if self.domain_weights is not None:  # validated as a phase's weights are
+            MixturePhase(until=1.0, weights=self.domain_weights)
+        return self
+
+    def mixture_phases(self) -> MixtureConfig:
+        """The mixture in full form, whichever way the recipe wrote it."""
+        if self.mixture is not None:
+            return self.mixture
+        return MixtureConfig(phases=[MixturePhase(until=1.0, weights=self.domain_weights)])
+
+    def phase_end_steps(self) -> list[int]:
+        """The optimizer step at which each phase ends (the last: max_steps)."""
+        return [round(p.until * self.max_steps) for p in self.mixture_phases().phases]
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each of ``world_size`` devices."""

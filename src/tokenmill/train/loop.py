@@ -40,6 +40,7 @@ from tokenmill.train.device import peak_flops, peak_memory_gib, resolve_device, 
 from tokenmill.train.distributed import Distributed, setup_distributed
 from tokenmill.train.memory import measure, peak_bytes
 from tokenmill.train.metrics import MetricsSink, console_line, say
+from tokenmill.train.mixing import DoReMi, build_doremi, build_mixture, metadata_view, sequence_weights
 from tokenmill.train.optim import build_optimizer
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
@@ -199,7 +200,9 @@ class _Run:
     sink: MetricsSink | None  # rank 0 only
     last_train: dict[str, Any]  # the newest training and validation records, for the summary
     last_val: dict[str, Any]
+    doremi: DoReMi | None  # online domain weights, set before every step
     memory: dict[str, int] | None = None  # tensor bytes after this process's first optimizer step
+    step_weights: list[dict[str, Any]] | None = None  # doremi: each step's weights, until the next metric line
 
     @property
     def device(self) -> torch.device:
@@ -265,10 +268,15 @@ def _setup(
         raise TokenmillError(
             f"model eos_id={model_cfg.eos_id} but {tokens_dir} ends documents with {dataset.eos_id}"
         )
-    loader = TokenLoader(dataset, cfg.seq_len, cfg.micro_batch_size, cfg.seed, domain_weights=cfg.domain_weights,
-                         rank=job.rank, world_size=job.world_size)
+    metadata, metadata_until = metadata_view(cfg, dataset, tokenizer_dir)
+    loader = TokenLoader(dataset, cfg.seq_len, cfg.micro_batch_size, cfg.seed, rank=job.rank,
+                         world_size=job.world_size, mixture=build_mixture(cfg, dataset), metadata=metadata,
+                         metadata_until=metadata_until)
+    doremi = build_doremi(cfg, dataset)
     if resume_from is not None:
         _resume_loader(loader, state["loader"])
+        if doremi is not None:
+            doremi.load_state_dict(state["doremi"])
     windows = {}
     if val_tokens_dir is not None:
         windows = eval_windows(TokenDataset(val_tokens_dir), cfg.seq_len, cfg.eval_windows_per_domain)
@@ -291,6 +299,7 @@ def _setup(
         start_step=state["step"], resumed_from=resume_from, elapsed_s=state["elapsed_s"], sink=sink,
         last_train=next((r for r in reversed(history) if "loss" in r), {}),
         last_val=next((r for r in reversed(history) if "val_loss" in r), {}),
+        doremi=doremi, step_weights=[] if doremi is not None else None,
     )
 
 
@@ -388,6 +397,8 @@ def _summary(run: _Run, step: int, seconds: float) -> dict[str, Any]:
         "params": run.model.num_params(),
         "world_size": run.job.world_size,
         "memory": _memory(run),
+        **({"doremi_mean_weights": dict(zip(run.loader.domains, run.doremi.mean.round(6).tolist()))}
+           if run.doremi is not None else {}),
     }
 
 
@@ -405,14 +416,25 @@ def _train_step(run: _Run, step: int) -> None:
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.lr * lr_multiplier(cfg, step - 1)
+    if run.doremi is not None:
+        run.loader.mixture.set_weights(run.doremi.weights)
+        step_loss = torch.zeros(len(run.loader.domains), device=run.device)
+        step_seqs = torch.zeros_like(step_loss)
+    mixture = run.cfg.mixture_phases()
     total = torch.zeros((), device=run.device)
     for _ in range(run.accum):
         x, y, domain = (t.to(run.device, non_blocking=True) for t in next(run.batches))
         seq_loss = _sequence_losses(run, x, y)
         loss = seq_loss.mean()
-        (loss / run.accum).backward()
+        if mixture.sequence_weighting == "loss":
+            ((seq_loss * sequence_weights(seq_loss, mixture.temperature)).mean() / run.accum).backward()
+        else:
+            (loss / run.accum).backward()
         total += loss.detach()
         run.interval.add_sequences(seq_loss, domain)
+        if run.doremi is not None:
+            step_loss.index_add_(0, domain, seq_loss.detach().float())
+            step_seqs.index_add_(0, domain, torch.ones_like(seq_loss, dtype=torch.float))
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     if isinstance(grad_norm, DTensor):  # sharded: already the global norm, replicated on every rank
         grad_norm = grad_norm.full_tensor()
@@ -421,13 +443,21 @@ def _train_step(run: _Run, step: int) -> None:
         run.memory = measure(run.model, run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     run.interval.steps.append((total / run.accum, grad_norm))
+    if run.doremi is not None:  # every rank gets the same sums, so the same next weights
+        step_loss, step_seqs = run.job.sum(torch.cat([step_loss, step_seqs])).cpu().double().numpy().reshape(2, -1)
+        run.step_weights.append(run.record(step, **{f"weight/{d}": w for d, w in
+                                                    zip(run.loader.domains, run.doremi.weights.tolist())}))
+        run.doremi.update(step_loss, step_seqs)
 
 
 def _sequence_losses(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The objective, per sequence: mean next-token loss."""
+    """The objective, per sequence: mean next-token loss over the targets that count (not -1: MeCo's
+    metadata prefixes)."""
     with run.autocast():
         _, token_loss = run.model(x, y, doc_mask=run.cfg.doc_mask, reduction="none")
-    return token_loss.mean(dim=1)
+    if run.cfg.metadata is None:
+        return token_loss.mean(dim=1)
+    return token_loss.sum(dim=1) / (y >= 0).sum(dim=1).clamp(min=1)
 
 
 def _log_train(run: _Run, step: int, clock: _Clock) -> None:
@@ -444,6 +474,12 @@ def _log_train(run: _Run, step: int, clock: _Clock) -> None:
     tokens_per_s, elapsed_s = clock.lap(step, run.cfg.global_batch_tokens)  # after the read: the GPU is done
     per_domain = {f"loss/{d}": (domain_loss[i] / domain_seqs[i]).item()
                   for i, d in enumerate(run.loader.domains) if domain_seqs[i] > 0}
+    realised = {f"mix/{d}": (domain_seqs[i] / domain_seqs.sum()).item() for i, d in enumerate(run.loader.domains)}
+    if run.step_weights and run.sink is not None:  # doremi: the weights each step was drawn with
+        for record in run.step_weights:
+            run.sink.write(record)
+    if run.step_weights:
+        run.step_weights.clear()
     run.last_train = run.record(
         step,
         loss=sum(losses) / len(losses),
@@ -454,6 +490,7 @@ def _log_train(run: _Run, step: int, clock: _Clock) -> None:
         peak_memory_gib=peak_memory_gib(run.device),
         elapsed_s=elapsed_s,
         **per_domain,
+        **realised,
     )
     run.write(run.last_train, eta_s=clock.eta_s(step, run.cfg.max_steps))
 
@@ -464,5 +501,6 @@ def _save(run: _Run, step: int, elapsed_s: float) -> None:
         "train_config": run.cfg.model_dump(mode="json"),
         "loader": run.loader.state_dict(),
         "elapsed_s": elapsed_s,
+        **({"doremi": run.doremi.state_dict()} if run.doremi is not None else {}),
     }
     save_checkpoint(run.ckpt_dir, step, run.model, run.optimizer, state, run.cfg.keep_last_k)
