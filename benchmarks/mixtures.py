@@ -9,7 +9,9 @@ tokenizer and training run); only how much of each domain it sees, when, and in 
   code ``tokenmill mix search`` runs) with small proxies at a fixed token budget; one set of proxies, one
   regressor per target: (a) the macro average of held-out bits per byte over all domains, (b) the mean
   over a named domain pair. Proxy compute (6·N·T plus attention, as ``compare`` charges) is printed;
-* ``doremi``: online DoReMi weights against the natural run's per-domain validation loss;
+* ``doremi``: DoReMi as the paper runs it: a small reference model on natural proportions, a small DoReMi
+  proxy of the same size (domain losses weighted by the DRO weights against the reference's per-domain
+  validation loss), then the final model on the proxy's mean weights; proxy compute printed;
 * ``upsample_end``: natural for the first 80% of steps, then the pair's domains ×4;
 * ``meco``: each document preceded by its domain name (no loss on it) for 90% of steps, then plain;
 * ``related``: natural proportions, documents packed in nearest-neighbour chains (In-Context Pretraining).
@@ -65,7 +67,8 @@ class Mixtures:
 SCALES = {
     "cpu": Mixtures(replace(DATA_SCALES["cpu"], steps=300, evals=10, train_chars=1_500_000), lr=3e-3,
                     pair=("manpages", "python_docs"), proxy_model=dict(dim=64, n_layers=2, n_heads=2),
-                    proxy_steps=120, search=dict(proxies=20, rounds=2, proxies_per_round=6, candidates=20_000)),
+                    proxy_steps=120, search=dict(proxies=24, rounds=2, proxies_per_round=6, candidates=20_000,
+                                                     heldout_fraction=0.33)),
     "full": Mixtures(replace(DATA_SCALES["gpu"], steps=3000, model=dict(dim=512, n_layers=8, n_heads=8)), lr=1.5e-3,
                      pair=("manpages", "python_docs"), proxy_model=dict(dim=256, n_layers=2, n_heads=4),
                      proxy_steps=1000, search=dict(proxies=48, rounds=3, proxies_per_round=12)),
@@ -218,7 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     found = mix_search(setting, scale, data, domains, natural, targets, work / "search", args.device)
     for name in targets:
         arm(f"searched_{name}", domain_weights=found["best"][name]["weights"])
-    arm("doremi", mixture={"online": "doremi", "doremi": {"reference": str(work / "natural-seed0")}})
+    proxy_cfg = model_config(scale, data, **setting.proxy_model)
+    reference = run(proxy_cfg, scale, data, work / "doremi-reference", args.device, **common,
+                    val_tokens=work / "data" / "heldout-tokens")
+    doremi_proxy = run(proxy_cfg, scale, data, work / "doremi-proxy", args.device, **common,
+                       mixture={"online": "doremi", "doremi": {"reference": str(work / "doremi-reference")}})
+    arm("doremi", domain_weights=doremi_proxy["summary"]["doremi_mean_weights"])
     arm("upsample_end", mixture={"phases": [{"until": 0.8}, {"until": 1.0, "upsample": {d: 4.0 for d in pair}}]})
     arm("meco", metadata={"field": "domain", "cooldown_fraction": 0.1})
     arm("related", tokens=work / "data" / "related-tokens")
@@ -255,21 +263,22 @@ def main(argv: list[str] | None = None) -> None:
         if name in complete:
             row["complete_runs"] = complete[name]
             row["token_ratio"] = {t: ratio(tokens_to_reach(points, natural_final[t])) for t, points in complete[name].items()}
-        if "doremi_mean_weights" in result["summary"]:
-            row["weights"] = result["summary"]["doremi_mean_weights"]
         return row
 
     rows = {name: summary(name, result) for name, result in arms.items()}
     rows["searched_macro"]["weights"] = found["best"]["macro"]["weights"]
     rows["searched_pair"]["weights"] = found["best"]["pair"]["weights"]
     rows["natural"]["weights"] = dict(zip(domains, np.round(natural, 4).tolist()))
+    rows["doremi"]["weights"] = doremi_proxy["summary"]["doremi_mean_weights"]
+    rows["doremi"]["proxy_flops"] = reference["flops"] + doremi_proxy["flops"]
+    rows["doremi"]["proxy_seconds"] = round(reference["seconds"] + doremi_proxy["seconds"], 1)
     spread = {"macro": [round(min(macro_seeds), 4), round(max(macro_seeds), 4)],
               "pair": [round(min(pair_seeds), 4), round(max(pair_seeds), 4)], "seeds": args.seeds}
     up = rows["upsample_end"]
     met = {
         "searched_macro": (rows["searched_macro"]["token_ratio"]["macro"] or 9) <= BARS["searched_token_ratio"],
         "searched_pair": (rows["searched_pair"]["token_ratio"]["pair"] or 9) <= BARS["searched_token_ratio"],
-        "rho": all(r is not None and r >= BARS["rho"] for r in found["rho_heldout"].values()),
+        "rho": all(r is not None and round(r, 4) >= BARS["rho"] for r in found["rho_heldout"].values()),
         "upsample_end_pair_better": up["final_pair_bpb"] < min(pair_seeds),
         "upsample_end_macro_within_noise": min(macro_seeds) - (max(macro_seeds) - min(macro_seeds))
         <= up["final_macro_bpb"] <= max(macro_seeds) + (max(macro_seeds) - min(macro_seeds)),

@@ -26,6 +26,7 @@ from tokenmill.documents.readers import SourceConfig, resolve_paths
 from tokenmill.model.llama import ModelConfig
 from tokenmill.select.mixture_search import MixSearchConfig
 from tokenmill.steps import STEPS
+from tokenmill.tokens.corruption import corruption_shapes
 from tokenmill.tokens.pack import INDEX_COLUMNS, PackConfig
 from tokenmill.tokens.tokenizer import TokenizerConfig
 from tokenmill.train.config import TrainConfig
@@ -117,6 +118,26 @@ class Recipe(_Strict):
                              f"{self.model.max_seq_len}: lower seq_len or raise max_seq_len")
         return self
 
+    @model_validator(mode="after")
+    def _objective_fits_the_run(self) -> "Recipe":
+        """Document masking and MeCo's metadata prefixes are the causal decoder's; span corruption's spans,
+        prefixes and targets must fit train.seq_len and model.max_seq_len."""
+        objective = self.model.objective
+        if objective == "clm":
+            return self
+        for field, value in (("doc_mask", self.train.doc_mask), ("metadata", self.train.metadata),
+                             ("bpb_every", self.train.bpb_every)):
+            if value:
+                raise ValueError(f"train.{field} applies to the causal decoder (model.objective clm), not to "
+                                 f"model.objective {objective}; unset train.{field} or train with clm")
+        if self.train.optimizer.name == "sltrain":
+            raise ValueError(f"train.optimizer sltrain reparametrises the decoder's blocks; model.objective "
+                             f"{objective} trains with adamw, muon or galore")
+        try:
+            corruption_shapes(objective, self.model, self.train.seq_len)
+        except TokenmillError as err:
+            raise ValueError(str(err)) from None
+        return self
 
     @model_validator(mode="after")
     def _mixture_names_known_streams(self) -> "Recipe":

@@ -34,6 +34,7 @@ from tokenmill.files import read_json, write_json_atomic
 from tokenmill.recipe import Recipe, dump_recipe
 from tokenmill.runfolder import RunFolder, StageRecord
 from tokenmill.steps import STEPS
+from tokenmill.tokens.corruption import required_tokens
 from tokenmill.tokens.pack import PackConfig
 
 
@@ -115,7 +116,7 @@ class Runner:
                    for i, cfg in enumerate(curate["steps"])]
         stages += [
             ("curate", {"curate.steps": [cfg["step"] for cfg in curate["steps"]]}),
-            ("tokenizer", {"tokenizer": r["tokenizer"]}),
+            ("tokenizer", {"tokenizer": r["tokenizer"], **self._extra_special()}),
             ("pack", _non_default("pack", r["pack"], PackConfig())),
             ("train", {"model": r["model"],
                        **{f"train.{k}": v for k, v in train.items() if k not in TRAIN_CADENCE}}),
@@ -123,6 +124,12 @@ class Runner:
             ("eval", {"eval": r["eval"], "train.seq_len": train["seq_len"]}),
         ]
         return stages
+
+    def _extra_special(self) -> dict[str, list[str]]:
+        """The objective's special tokens as a tokenizer stage input; none (clm) adds no key, so a decoder's
+        run folder keeps its fingerprint."""
+        tokens = required_tokens(self.recipe.model.objective, self.recipe.model.span_corruption)
+        return {"tokenizer.extra_special": tokens} if tokens else {}
 
     def _source_files(self) -> list[list]:
         """Path, size and modification time of every source file, so edited sources are read again. Sources
@@ -213,7 +220,11 @@ class Runner:
         dest = self.folder.tokenizer
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        prepare_tokenizer(self.recipe.tokenizer, _texts(self.curated_shards()), tmp, progress=self.progress)
+        m = self.recipe.model
+        frozen_by = f"model.init_from={m.init_from}" if m.init_from else \
+            f"model.grow_from={m.grow_from}" if m.grow_from else None
+        prepare_tokenizer(self.recipe.tokenizer, _texts(self.curated_shards()), tmp, progress=self.progress,
+                          extra_special=required_tokens(m.objective, m.span_corruption), frozen_by=frozen_by)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
@@ -246,7 +257,10 @@ class Runner:
                     f"model's, whose token ids it was trained on; set tokenizer.path: {source_tokenizer}")
         init_from = self.recipe.model.init_from
         if init_from is None:
-            return self.recipe.model.model_copy(update={"vocab_size": len(tok), "eos_id": tok.eos_token_id})
+            ids = {"vocab_size": len(tok), "eos_id": tok.eos_token_id}
+            if self.recipe.model.objective != "clm":  # span corruption pads its inputs; encoders export it
+                ids["pad_id"] = tok.pad_token_id
+            return self.recipe.model.model_copy(update=ids)
         from tokenmill.model.hf import hf_model_config
 
         if tok.get_vocab() != load_tokenizer(init_from).get_vocab():
@@ -281,9 +295,9 @@ class Runner:
 
     def export(self, step: int | None = None, out: Path | None = None) -> Path:
         """Export the checkpoint of ``step`` (default: the last) to ``out`` (default: ``RUN/model``) in
-        Hugging Face format; ``tokenmill_export.json`` there records the step and the training stage's
+        Hugging Face format — a Llama for clm, ModernBERT for mlm and electra (its discriminator), T5 for
+        span corruption; ``tokenmill_export.json`` there records the step and the training stage's
         fingerprint, which names the recipe inputs the weights came from."""
-        from tokenmill.model.hf import export_hf
         from tokenmill.train.checkpoint import checkpoints, load_trained_model
 
         f = self.folder
@@ -291,7 +305,18 @@ class Runner:
         model, cfg = load_trained_model(f.checkpoints, step)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        export_hf(model, cfg, f.tokenizer, tmp)
+        if cfg.objective == "clm":
+            from tokenmill.model.hf import export_hf
+
+            export_hf(model, cfg, f.tokenizer, tmp)
+        elif cfg.objective == "span_corruption":
+            from tokenmill.model.hf_seq2seq import export_seq2seq
+
+            export_seq2seq(model, cfg, f.tokenizer, tmp, pad_id=cfg.pad_id, eos_id=cfg.eos_id)
+        else:
+            from tokenmill.model.hf_encoder import export_encoder
+
+            export_encoder(model, cfg, f.tokenizer, tmp)
         record = f.read_stage_records().get("train")
         write_json_atomic({"step": step if step is not None else checkpoints(f.checkpoints)[-1][0],
                            "train_fingerprint": record.fingerprint if record else None,
@@ -301,7 +326,13 @@ class Runner:
         return out
 
     def eval_bpb(self) -> None:
-        """Bits per byte per domain of the exported model, as ``tokenmill eval --bpb`` recomputes it."""
+        """Bits per byte per domain of the exported model, as ``tokenmill eval --bpb`` recomputes it; for the
+        other objectives, the figures that suit each (``tokenmill eval --objective``)."""
+        if self.recipe.model.objective != "clm":
+            from tokenmill.evaluate.objective_evals import eval_objective
+
+            eval_objective(self.folder.root, progress=self.progress)
+            return
         from tokenmill.evaluate.model_evals import eval_bpb
 
         eval_bpb(self.folder.root, progress=self.progress)
@@ -321,7 +352,8 @@ class Runner:
             ("pack", lambda: (f.heldout_tokens / "meta.json").exists(), self.pack),
             ("train", self._trained, self.train),
             ("export", lambda: (f.model / "config.json").exists(), self.export),
-            ("eval", f.bpb.exists, self.eval_bpb),
+            ("eval", lambda: (f.bpb if self.recipe.model.objective == "clm" else f.objective_eval).exists(),
+             self.eval_bpb),
             ("report", lambda: False, self.report),
         ]
         return [s for s in stages if s[0] != "eval" or self.recipe.eval.bpb]

@@ -46,6 +46,9 @@ def eval_bpb(run: Path, progress: bool | None = None) -> BpbResult:
     eval stage and ``tokenmill eval --bpb`` both come here."""
     folder = RunFolder(run)
     recipe = load_run_recipe(run)
+    if recipe.model.objective != "clm":
+        raise TokenmillError(f"{run}: bits per byte scores a decoder, and this run trains objective "
+                             f"{recipe.model.objective}; its figures come from `tokenmill eval {run} --objective`")
     model, tokenizer = _load_model(run)
     device = resolve_device("auto")
     result = BpbResult.model_validate(

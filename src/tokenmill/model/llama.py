@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from tokenmill.tokens.corruption import MaskingConfig, SpanCorruptionConfig
+
 # The table in the module docstring gives each shape's parameter counts.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
@@ -56,6 +58,18 @@ class GrowConfig(BaseModel):
         2, ge=2, description="Growth factor g: the new model has g× the source's layers (model.n_layers must be "
         "exactly that); layer i copies source layer i mod its n_layers."
     )
+
+
+class ElectraConfig(BaseModel):
+    """ELECTRA (Clark et al. 2020): a small masked-LM generator fills the masked positions, the discriminator
+    (the model kept) tells replaced tokens from original ones. Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    generator_size: float = Field(0.25, gt=0, le=1, description="Generator width (dim and heads) as a share of the "
+                                  "discriminator's, same depth (the paper: 1/4 to 1/2 works best).")
+    discriminator_weight: float = Field(50.0, gt=0, description="Weight of the replaced-token loss beside the "
+                                        "generator's MLM loss (lambda).")
 
 
 class ModelConfig(BaseModel):
@@ -90,6 +104,9 @@ class ModelConfig(BaseModel):
     eos_id: int | None = Field(
         None, ge=0, description="End-of-document token id (set by the run); needed for document masking."
     )
+    pad_id: int | None = Field(
+        None, ge=0, description="Padding token id (set by the run for span_corruption, whose inputs vary in length)."
+    )
     init_from: str | None = Field(
         None,
         description="Continue pretraining a local Hugging Face Llama-family checkpoint folder: its config.json "
@@ -103,6 +120,16 @@ class ModelConfig(BaseModel):
         "this one's but for n_layers; embeddings, norms and head are copied. The run must use its tokenizer.",
     )
     grow: GrowConfig | None = Field(None, description="How grow_from is stacked; set both or neither.")
+    objective: Literal["clm", "mlm", "electra", "span_corruption"] = Field(
+        "clm", description="clm: this decoder, next-token loss. mlm: a bidirectional encoder, masked tokens. "
+        "electra: generator + discriminator encoders, replaced-token detection. span_corruption: an "
+        "encoder-decoder on T5/UL2 denoising.")
+    masking: MaskingConfig | None = Field(None, description="mlm and electra: which tokens are masked (default "
+                                          "settings when null).")
+    span_corruption: SpanCorruptionConfig | None = Field(None, description="span_corruption: the denoisers "
+                                                         "(default T5's when null).")
+    electra: ElectraConfig | None = Field(None, description="electra: generator size and loss weight (the "
+                                          "paper's when null).")
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +156,21 @@ class ModelConfig(BaseModel):
             raise ValueError("grow_from and grow go together: grow_from names the smaller model, grow how to stack it")
         if self.grow_from and self.init_from:
             raise ValueError("init_from and grow_from are two starting points: set one")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_settings(self) -> "ModelConfig":
+        """Each objective's settings filled with their defaults, and refused where they do not apply."""
+        wanted = {"masking": self.objective in ("mlm", "electra"), "span_corruption": self.objective == "span_corruption",
+                  "electra": self.objective == "electra"}
+        defaults = {"masking": MaskingConfig, "span_corruption": SpanCorruptionConfig, "electra": ElectraConfig}
+        for name, needed in wanted.items():
+            if getattr(self, name) is not None and not needed:
+                raise ValueError(f"model.{name} does not apply to objective {self.objective}")
+            if needed and getattr(self, name) is None:
+                setattr(self, name, defaults[name]())
+        if self.objective != "clm" and (self.init_from or self.grow_from):
+            raise ValueError(f"objective {self.objective} trains from scratch: init_from and grow_from load decoders")
         return self
 
     @property

@@ -1,7 +1,6 @@
 """Deterministic, resumable, domain-mixed training batches cut from packed token shards.
 
-Every batch is a pure function of (seed, step) and, for an online mixture, its saved counts: global
-sequence ``g`` of a run is chosen by
+Every batch is a pure function of (seed, step): global sequence ``g`` of a run is chosen by
 
 1. its **domain**, from the mixture (``tokens/mixture.py``): the domain of ``g`` and how many sequences
    of that domain came before it, exact per phase of a schedule and known without replaying earlier steps;
@@ -33,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tokenmill import TokenmillError
-from tokenmill.tokens.mixture import Mixture, OnlineMixture, ScheduledMixture, normalise
+from tokenmill.tokens.mixture import ScheduledMixture, normalise
 
 
 class TokenDataset:
@@ -119,7 +118,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         *,
-        mixture: Mixture | None = None,
+        mixture: ScheduledMixture | None = None,
         metadata: TokenDataset | None = None,
         metadata_until: int = 0,
     ):
@@ -142,7 +141,7 @@ class TokenLoader:
         self.views = [dataset] if metadata is None else [dataset, metadata]
         self.metadata_until = metadata_until if metadata is not None else 0
         self._windows = np.array([[view.n_tokens(d) // (seq_len + 1) for d in self.domains] for view in self.views])
-        used = _used_domains(mixture, len(self.domains))
+        used = np.any(np.stack(mixture.quotas) > 0, axis=0)  # domains some phase draws from
         starved = [d for d, u, n in zip(self.domains, used, self._windows.min(axis=0)) if u and n == 0]
         if starved:
             raise TokenmillError(
@@ -151,11 +150,16 @@ class TokenLoader:
             )
         self._epoch_order = lru_cache(maxsize=8 * len(self.domains))(self._epoch_order_uncached)
 
+    def rows(self, step: int) -> np.ndarray:
+        """The global sequence indices of this rank's rows of batch ``step``: what masking and corruption
+        are seeded by, so they do not depend on the world size."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return first + np.arange(self.batch_size, dtype=np.int64)
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of global batch ``step``: x, y LongTensor [B, T] (y is x shifted by one; -1
         where it is a metadata prefix) and domain_idx LongTensor [B] (an index into ``domains``)."""
-        first = (step * self.world_size + self.rank) * self.batch_size
-        g = first + np.arange(self.batch_size, dtype=np.int64)
+        g = self.rows(step)
         domain, k = self.mixture.draw(g)
         view = (g < self.metadata_until).astype(np.int64)  # 1: the metadata-prefixed stream
         window = self._window(view, domain, k)
@@ -177,10 +181,7 @@ class TokenLoader:
     def state_dict(self) -> dict:
         """The step to resume at, with the settings that must match for the resumed batches to match."""
         global_batch = self.batch_size * self.world_size
-        state = {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": global_batch}
-        if isinstance(self.mixture, OnlineMixture):
-            state["mixture"] = self.mixture.state_dict()
-        return state
+        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state['step']``; the seed, window and global batch must be those it was saved with."""
@@ -191,8 +192,6 @@ class TokenLoader:
                 f"loader: cannot resume, {', '.join(f'{k} was {state[k]} now {mine[k]}' for k in changed)}; "
                 "resume with the settings the checkpoint was trained with"
             )
-        if isinstance(self.mixture, OnlineMixture):
-            self.mixture.load_state_dict(state["mixture"])
         self.step = state["step"]
 
     def _window(self, view: np.ndarray, domain: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -233,13 +232,6 @@ def natural_weights(dataset: TokenDataset) -> np.ndarray:
     """Each domain's share of the training tokens: the mixture when none is given."""
     weights = np.array([dataset.n_tokens(d) for d in dataset.domains], np.float64)
     return weights / weights.sum()
-
-
-def _used_domains(mixture: Mixture, n: int) -> np.ndarray:
-    """Domains a mixture may draw from: those with a quota in some phase; every one for online weights."""
-    if isinstance(mixture, ScheduledMixture):
-        return np.any(np.stack(mixture.quotas) > 0, axis=0)
-    return np.ones(n, bool)
 
 
 def _columns(table, names: tuple[str, ...]) -> list[np.ndarray]:

@@ -46,7 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tokenmill import TokenmillError
-from tokenmill.model.llama import Llama, ModelConfig
+from tokenmill.model.build import build_model
+from tokenmill.model.llama import ModelConfig
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.sltrain import apply_sltrain
 
@@ -229,7 +230,7 @@ def _untrusted(path: Path, err: Exception, remedy: str = "") -> TokenmillError:
     )
 
 
-def load_trained_model(ckpt_dir: Path, step: int | None = None) -> tuple[Llama, ModelConfig]:
+def load_trained_model(ckpt_dir: Path, step: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """The model of the checkpoint at ``step`` (default: the newest) in ``ckpt_dir``, on CPU in eval mode,
     with its config."""
     found = dict(checkpoints(Path(ckpt_dir)))
@@ -241,7 +242,7 @@ def load_trained_model(ckpt_dir: Path, step: int | None = None) -> tuple[Llama, 
     path = found[max(found) if step is None else step]
     state = json.loads((path / "state.json").read_text())
     cfg = ModelConfig.model_validate(state["model_config"])
-    model = Llama(cfg)
+    model = build_model(cfg)
     train_cfg = TrainConfig.model_validate(state["train_config"])
     if train_cfg.optimizer.name == "sltrain":  # its weights are low-rank + sparse factors: rebuild them first
         apply_sltrain(model, train_cfg.optimizer, cfg, train_cfg.seed)

@@ -123,8 +123,9 @@ class DoReMiConfig(BaseModel):
 
 
 class MixtureConfig(BaseModel):
-    """How much of each domain training sees, and when: phases over the token budget, optionally
-    reweighted online. Mixing happens in the loader, so no schedule needs new tokens."""
+    """How much of each domain training sees, and when: phases over the token budget, and losses
+    reweighted online by domain (DoReMi) or by sequence. Mixing happens in the loader, so no schedule
+    needs new tokens."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -133,7 +134,9 @@ class MixtureConfig(BaseModel):
         description="Phases in order; each ends at its `until` and the last at 1.0. Default: one phase of "
         "natural proportions.")
     online: Literal["none", "doremi"] = Field(
-        "none", description="'doremi' sets the weights every step from the excess loss (phases must be one).")
+        "none", description="'doremi' weights each domain's loss by DoReMi's weights, updated every step from its "
+        "excess loss; the data keep the phase's proportions (one phase); summary.json's doremi_mean_weights is "
+        "the mixture for the final run.")
     doremi: DoReMiConfig | None = Field(None, description="doremi only: its reference run and settings.")
     sequence_weighting: Literal["none", "loss"] = Field(
         "none", description="'loss' weights each sequence's loss in a batch by softmax(loss / temperature) "

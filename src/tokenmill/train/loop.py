@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.distributed.tensor import DTensor
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from tokenmill import TokenmillError
 from tokenmill.train.sources import grow
 from tokenmill.model.hf import load_hf_weights
+from tokenmill.model.build import build_model
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.tokens.loader import TokenDataset, TokenLoader, eval_windows
 from tokenmill.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -41,6 +43,7 @@ from tokenmill.train.distributed import Distributed, setup_distributed
 from tokenmill.train.memory import measure, peak_bytes
 from tokenmill.train.metrics import MetricsSink, console_line, say
 from tokenmill.train.mixing import DoReMi, build_doremi, build_mixture, metadata_view, sequence_weights
+from tokenmill.train.objectives import EVAL_G_OFFSET, Objective, build_objective
 from tokenmill.train.optim import build_optimizer
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
@@ -49,25 +52,28 @@ from tokenmill.train.sltrain import apply_sltrain
 
 @torch.no_grad()
 def validation_loss(
-    model: Llama,
+    model: torch.nn.Module,
     windows: dict[str, tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     device: torch.device,
     bf16: bool,
+    objective: Objective,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Mean next-token loss per domain over fixed windows; ``val_loss`` averages over all windows.
-    ``progress`` draws a passing bar over the micro-batches (the final validation can take a while)."""
+    """The objective's mean loss per domain over fixed windows (masked and corrupted the same way at every
+    evaluation); ``val_loss`` averages over all windows. ``progress`` draws a passing bar over the
+    micro-batches (the final validation can take a while)."""
     model.eval()
     sums = {}
     n_batches = sum(math.ceil(len(x) / cfg.micro_batch_size) for x, _ in windows.values())
     with tqdm(total=n_batches, desc="val", unit="batch", leave=False, disable=not progress) as bar:
-        for domain, (x, y) in windows.items():
+        for d, (domain, (x, y)) in enumerate(windows.items()):
             total = torch.zeros((), device=device)
-            for xb, yb in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
+            g = EVAL_G_OFFSET + (d << 24) + np.arange(len(x))
+            for xb, yb, gb in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size),
+                                  np.array_split(g, math.ceil(len(x) / cfg.micro_batch_size))):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    _, loss = model(xb.to(device), yb.to(device), doc_mask=cfg.doc_mask)
-                total += loss * len(xb)
+                    total += objective.losses(model, xb, yb, gb, device, cfg.doc_mask).sum()
                 bar.update()
             sums[domain] = total.item()
     model.train()
@@ -156,6 +162,9 @@ def train(
         raise TokenmillError("train doc_mask=true needs model eos_id (the tokenizer's end-of-document id)")
     if init_model is not None and init_model.cfg != model_cfg:
         raise TokenmillError("init_model was built from a different ModelConfig than model_cfg: pass its .cfg")
+    if cfg.bpb_every and model_cfg.objective != "clm":
+        raise TokenmillError(f"train.bpb_every measures a decoder's bits per byte; objective {model_cfg.objective} "
+                             "is evaluated after training (the eval stage): set bpb_every to null")
     if cfg.bpb_every and (bpb_docs is None or tokenizer_dir is None):
         raise TokenmillError("train.bpb_every needs the held-out documents and the tokenizer folder "
                              "(bpb_docs, tokenizer_dir); set it to null to train without it")
@@ -191,7 +200,8 @@ class _Run:
     interval: _Interval
     windows: dict[str, tuple[torch.Tensor, torch.Tensor]]  # validation windows per domain; empty: no eval
     bpb_docs: pa.Table | None
-    tokenizer: Any  # for the in-loop bits per byte; None when it is off
+    tokenizer: Any  # for the in-loop bits per byte and the objective's special tokens; None when neither needs it
+    objective: Objective
     flops_per_token: float
     peak: float | None  # the device's peak FLOP/s, for MFU
     start_step: int
@@ -200,7 +210,7 @@ class _Run:
     sink: MetricsSink | None  # rank 0 only
     last_train: dict[str, Any]  # the newest training and validation records, for the summary
     last_val: dict[str, Any]
-    doremi: DoReMi | None  # online domain weights, set before every step
+    doremi: DoReMi | None  # domain loss weights, updated after every step
     memory: dict[str, int] | None = None  # tensor bytes after this process's first optimizer step
     step_weights: list[dict[str, Any]] | None = None  # doremi: each step's weights, until the next metric line
 
@@ -244,7 +254,7 @@ def _setup(
 
     resume_from = latest_checkpoint(ckpt_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as in one process
-    model = init_model or Llama(model_cfg)
+    model = init_model or build_model(model_cfg)
     if init_model is None and model_cfg.init_from and resume_from is None:
         load_hf_weights(model, model_cfg.init_from)
     if init_model is None and model_cfg.grow_from and resume_from is None:
@@ -263,13 +273,19 @@ def _setup(
         if job.is_main:
             prune_checkpoints(ckpt_dir, cfg.keep_last_k)
 
+    tokenizer = None
+    if cfg.bpb_every or model_cfg.objective != "clm":
+        from tokenmill.tokens.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    objective = build_objective(model_cfg, cfg, tokenizer)
     dataset = TokenDataset(tokens_dir)
     if cfg.doc_mask and dataset.eos_id != model_cfg.eos_id:
         raise TokenmillError(
             f"model eos_id={model_cfg.eos_id} but {tokens_dir} ends documents with {dataset.eos_id}"
         )
     metadata, metadata_until = metadata_view(cfg, dataset, tokenizer_dir)
-    loader = TokenLoader(dataset, cfg.seq_len, cfg.micro_batch_size, cfg.seed, rank=job.rank,
+    loader = TokenLoader(dataset, objective.window_len - 1, cfg.micro_batch_size, cfg.seed, rank=job.rank,
                          world_size=job.world_size, mixture=build_mixture(cfg, dataset), metadata=metadata,
                          metadata_until=metadata_until)
     doremi = build_doremi(cfg, dataset)
@@ -279,12 +295,7 @@ def _setup(
             doremi.load_state_dict(state["doremi"])
     windows = {}
     if val_tokens_dir is not None:
-        windows = eval_windows(TokenDataset(val_tokens_dir), cfg.seq_len, cfg.eval_windows_per_domain)
-    tokenizer = None
-    if cfg.bpb_every:
-        from tokenmill.tokens.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_dir)
+        windows = eval_windows(TokenDataset(val_tokens_dir), objective.window_len - 1, cfg.eval_windows_per_domain)
 
     sink = None
     if job.is_main:
@@ -295,7 +306,8 @@ def _setup(
         job=job, model_cfg=model_cfg, cfg=cfg, ckpt_dir=ckpt_dir, model=model, optimizer=optimizer,
         loader=loader, batches=iter(loader), accum=cfg.grad_accum_steps(job.world_size), bf16=bf16,
         interval=_Interval(len(loader.domains), device), windows=windows, bpb_docs=bpb_docs,
-        tokenizer=tokenizer, flops_per_token=_dense_flops_per_token(model_cfg, cfg.seq_len), peak=peak_flops(device, bf16),
+        tokenizer=tokenizer, objective=objective, flops_per_token=_dense_flops_per_token(model_cfg, cfg.seq_len, objective),
+        peak=peak_flops(device, bf16),
         start_step=state["step"], resumed_from=resume_from, elapsed_s=state["elapsed_s"], sink=sink,
         last_train=next((r for r in reversed(history) if "loss" in r), {}),
         last_val=next((r for r in reversed(history) if "val_loss" in r), {}),
@@ -303,11 +315,16 @@ def _setup(
     )
 
 
-def _dense_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+def _dense_flops_per_token(model_cfg: ModelConfig, seq_len: int, objective: Objective) -> float:
     """The model's matmul FLOPs per token as its dense shape computes them: a reparametrised model
-    (SLTrain) has fewer parameters but still multiplies by dense weights."""
+    (SLTrain) has fewer parameters but still multiplies by dense weights. Span corruption's decoder reads
+    its target length per sequence of ``seq_len`` input tokens."""
     with torch.device("meta"):
-        return Llama(model_cfg).flops_per_token(seq_len)
+        model = build_model(model_cfg)
+    shapes = getattr(objective, "shapes", None)
+    if shapes is not None:
+        return model.flops_per_token(seq_len, target_len=shapes.target_len)
+    return model.flops_per_token(seq_len)
 
 
 class _Clock:
@@ -365,7 +382,7 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
             bar.set_postfix(loss=f"{run.last_train['loss']:.3f}", lr=f"{run.last_train['lr']:.2e}")
             if do_eval:
                 run.last_val = _evaluate(run, step, lambda: validation_loss(run.model, run.windows, cfg, run.device,
-                                                                            run.bf16, bars))
+                                                                            run.bf16, run.objective, bars))
             if do_bpb:
                 _evaluate(run, step, lambda: _bits_per_byte(run.model, run.tokenizer, run.bpb_docs, cfg, run.device,
                                                             run.bf16, bars))
@@ -417,19 +434,23 @@ def _train_step(run: _Run, step: int) -> None:
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.lr * lr_multiplier(cfg, step - 1)
     if run.doremi is not None:
-        run.loader.mixture.set_weights(run.doremi.weights)
         step_loss = torch.zeros(len(run.loader.domains), device=run.device)
         step_seqs = torch.zeros_like(step_loss)
     mixture = run.cfg.mixture_phases()
     total = torch.zeros((), device=run.device)
     for _ in range(run.accum):
-        x, y, domain = (t.to(run.device, non_blocking=True) for t in next(run.batches))
-        seq_loss = _sequence_losses(run, x, y)
+        x, y, domain = next(run.batches)
+        domain = domain.to(run.device, non_blocking=True)
+        with run.autocast():
+            seq_loss = run.objective.losses(run.model, x, y, run.loader.rows(run.loader.step - 1), run.device,
+                                            run.cfg.doc_mask)
         loss = seq_loss.mean()
+        weights = torch.ones_like(seq_loss)
+        if run.doremi is not None:
+            weights = weights * run.doremi.sequence_weights(domain)
         if mixture.sequence_weighting == "loss":
-            ((seq_loss * sequence_weights(seq_loss, mixture.temperature)).mean() / run.accum).backward()
-        else:
-            (loss / run.accum).backward()
+            weights = weights * sequence_weights(seq_loss, mixture.temperature)
+        ((seq_loss * weights).mean() / run.accum).backward()
         total += loss.detach()
         run.interval.add_sequences(seq_loss, domain)
         if run.doremi is not None:
@@ -450,16 +471,6 @@ def _train_step(run: _Run, step: int) -> None:
         run.doremi.update(step_loss, step_seqs)
 
 
-def _sequence_losses(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The objective, per sequence: mean next-token loss over the targets that count (not -1: MeCo's
-    metadata prefixes)."""
-    with run.autocast():
-        _, token_loss = run.model(x, y, doc_mask=run.cfg.doc_mask, reduction="none")
-    if run.cfg.metadata is None:
-        return token_loss.mean(dim=1)
-    return token_loss.sum(dim=1) / (y >= 0).sum(dim=1).clamp(min=1)
-
-
 def _log_train(run: _Run, step: int, clock: _Clock) -> None:
     """Read the interval back from the device (reduced over ranks), refuse a non-finite step, and write
     the metric line and its console line."""
@@ -475,7 +486,7 @@ def _log_train(run: _Run, step: int, clock: _Clock) -> None:
     per_domain = {f"loss/{d}": (domain_loss[i] / domain_seqs[i]).item()
                   for i, d in enumerate(run.loader.domains) if domain_seqs[i] > 0}
     realised = {f"mix/{d}": (domain_seqs[i] / domain_seqs.sum()).item() for i, d in enumerate(run.loader.domains)}
-    if run.step_weights and run.sink is not None:  # doremi: the weights each step was drawn with
+    if run.step_weights and run.sink is not None:  # doremi: the weights each step trained with
         for record in run.step_weights:
             run.sink.write(record)
     if run.step_weights:

@@ -88,10 +88,10 @@ def predict(model_cfg, train_cfg, micro_batch: int | None = None, world_size: in
     configs alone (the model is built on the meta device). Parameters, gradients and state are exact for
     fp32 master weights (FSDP2 shards them ``world_size`` ways); activations are an estimate of what the
     backward pass keeps in eager PyTorch, so the measured peak in summary.json is the figure to trust."""
-    from tokenmill.model.llama import Llama
+    from tokenmill.model.build import build_model
 
     with torch.device("meta"):
-        model = Llama(model_cfg)
+        model = build_model(model_cfg)
     opt = train_cfg.optimizer
     total = sum(p.numel() for p in model.parameters())
     blocks = _block_matrices(model)

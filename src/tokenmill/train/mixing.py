@@ -1,5 +1,5 @@
-"""The recipe's mixture made concrete for one run: the loader's domain schedule, DoReMi's online weights,
-loss-based sequence weights and the MeCo metadata view of the tokens."""
+"""The recipe's mixture made concrete for one run: the loader's domain schedule, DoReMi's domain loss
+weights, loss-based sequence weights and the MeCo metadata view of the tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tokenmill import TokenmillError
 from tokenmill.files import read_jsonl
 from tokenmill.tokens.loader import TokenDataset, natural_weights
-from tokenmill.tokens.mixture import Mixture, OnlineMixture, ScheduledMixture, normalise
+from tokenmill.tokens.mixture import ScheduledMixture, normalise
 from tokenmill.train.config import DoReMiConfig, MixturePhase, TrainConfig
 
 
@@ -31,12 +31,10 @@ def phase_weights(phase: MixturePhase, dataset: TokenDataset) -> np.ndarray:
         natural @ np.array([phase.upsample.get(d, 1.0) for d in dataset.domains]))
 
 
-def build_mixture(cfg: TrainConfig, dataset: TokenDataset) -> Mixture:
-    """The loader's mixture: the phases on their optimizer-step boundaries, or online weights."""
+def build_mixture(cfg: TrainConfig, dataset: TokenDataset) -> ScheduledMixture:
+    """The loader's mixture: the phases on their optimizer-step boundaries."""
     mixture = cfg.mixture_phases()
     per_step = sequences_per_step(cfg)
-    if mixture.online == "doremi":
-        return OnlineMixture(dataset.domains, per_step, cfg.seed)
     ends = [end * per_step for end in cfg.phase_end_steps()]
     phases = [(end, phase_weights(p, dataset)) for end, p in zip(ends, mixture.phases)]
     kept = [(end, w) for (end, w), start in zip(phases, [0] + ends) if end > start]  # a phase of 0 steps
@@ -44,13 +42,16 @@ def build_mixture(cfg: TrainConfig, dataset: TokenDataset) -> Mixture:
 
 
 class DoReMi:
-    """Exponentiated-gradient domain weights on clipped excess loss (Xie et al. 2023, Algorithm 1):
+    """Group DRO over domains (Xie et al. 2023, Algorithm 1). The data keep their sampling proportions
+    ``sampled``; the loss of a sequence of domain d is weighted by ``α_d / sampled_d``, so the step
+    minimises ``Σ_d α_d · L_d`` as the paper's proxy does, and after every step
     ``α ← normalise(α · exp(η · max(L_d − L_ref,d, 0)))``, then ``α ← (1 − c) α + c/k``. Domains absent
-    from a step's batch have excess 0. ``mean`` is the average of the weights over steps, the mixture
-    DoReMi hands to a final run."""
+    from a step's batch have excess 0. ``mean`` is the average of the weights over steps: the mixture
+    DoReMi hands to the final run (``train.domain_weights``)."""
 
     def __init__(self, cfg: DoReMiConfig, start: np.ndarray, reference: np.ndarray):
         self.cfg = cfg
+        self.sampled = start
         self.weights = start.copy()
         self.reference = reference
         self.total = np.zeros_like(start)
@@ -66,6 +67,12 @@ class DoReMi:
         self.weights = (1 - self.cfg.smoothing) * w + self.cfg.smoothing / len(w)
         self.total += self.weights
         self.steps += 1
+
+    def sequence_weights(self, domain: torch.Tensor) -> torch.Tensor:
+        """Each sequence's loss weight, ``α_d / sampled_d`` of its domain d (mean 1 over the sampled data)."""
+        ratio = np.divide(self.weights, self.sampled, out=np.zeros_like(self.weights), where=self.sampled > 0)
+        ratio = torch.as_tensor(ratio, dtype=torch.float32, device=domain.device)
+        return ratio[domain]
 
     @property
     def mean(self) -> np.ndarray:
