@@ -149,3 +149,26 @@ def test_an_objective_needs_its_special_tokens(tmp_path):
 def test_bad_objective_settings_fail_validation(override, message):
     with pytest.raises(TokenmillError, match=message):
         parse_recipe({"name": "x", "sources": [{"path": "docs.parquet"}], "train": TRAIN, **override})
+
+
+def test_an_encoder_recipe_runs_end_to_end(tmp_path):
+    """`tokenmill run` for ELECTRA: special tokens in the tokenizer, training, the ModernBERT export that
+    AutoModelForTokenClassification loads, eval/objective.json and the report."""
+    from transformers import AutoModelForTokenClassification
+
+    from tokenmill.cli import main
+
+    demo = Path(__file__).parents[1] / "src" / "tokenmill" / "recipes" / "demo.yaml"
+    sets = ["model.objective=electra", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "train.bpb_every=null",
+            "train.max_steps=4", "train.warmup_steps=1", "train.eval_every=4", "train.ckpt_every=4",
+            "train.seq_len=64", "train.micro_batch_size=8", "train.global_batch_tokens=512",
+            "eval.max_docs_per_domain=4", "curate.steps=[]"]
+    assert main(["run", str(demo), "--out", str(tmp_path / "run"), "--no-progress",
+                 *[arg for s in sets for arg in ("--set", s)]]) == 0
+    folder = RunFolder(tmp_path / "run")
+    result = folder.read_objective_eval()
+    assert result.objective == "electra" and 0 <= result.overall.rtd_accuracy <= 1
+    assert result.probe is not None and 0 <= result.probe.accuracy <= 1
+    model = AutoModelForTokenClassification.from_pretrained(folder.model)
+    assert type(model).__name__ == "ModernBertForTokenClassification" and model.config.num_labels == 1
+    assert "AutoModelForTokenClassification" in folder.report.read_text(encoding="utf-8")

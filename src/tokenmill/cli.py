@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="membership inference on N curated training documents against N held-out ones")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--bpb", action="store_true", help="recompute eval/bpb.json (bits per byte per domain)")
+    p.add_argument("--objective", action="store_true", help="encoders and encoder-decoders: recompute "
+                   "eval/objective.json (masked-token accuracy, PLL bits per byte, RTD accuracy, span loss, probe)")
 
     p = sub.add_parser("compare", help="compare runs at equal tokens and at equal compute",
                        description="One table and plots of every evaluation of the runs against tokens seen "
@@ -158,10 +160,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     from tokenmill.report.run_report import write_report
     from tokenmill.runfolder import RunFolder
 
-    if args.harness is None and not (args.membership or args.membership_auto or args.bpb):
-        raise TokenmillError("eval: nothing to evaluate; pass --harness, --membership, --membership-auto or --bpb")
+    if args.harness is None and not (args.membership or args.membership_auto or args.bpb or args.objective):
+        raise TokenmillError("eval: nothing to evaluate; pass --harness, --membership, --membership-auto, --bpb "
+                             "or --objective")
     evals.model_dir(args.run)
     with RunFolder(args.run).lock():
+        if args.objective:
+            from tokenmill.evaluate.objective_evals import eval_objective, objective_table
+
+            print(objective_table(eval_objective(args.run, progress=False)))
         if args.bpb:
             print(evals.bpb_table(evals.eval_bpb(args.run, progress=False)))
         if args.harness is not None:

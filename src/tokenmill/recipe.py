@@ -58,7 +58,8 @@ class CurateConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    bpb: bool = Field(True, description="Bits-per-byte per domain on the held-out documents.")
+    bpb: bool = Field(True, description="The eval stage: bits per byte per domain on the held-out documents "
+                      "(decoders), or the objective's own figures and a linear probe (encoders).")
     max_docs_per_domain: int | None = Field(None, ge=1, description="Cap on documents evaluated per domain.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass during evaluation.")
 

@@ -20,7 +20,9 @@ Every module that reads or writes a run folder goes through this one, so the lay
       tokens/tokenizer/  tokens/train/  tokens/heldout/
       train/checkpoints/step-N/  train/metrics.jsonl  train/summary.json
       model/                       Hugging Face export
-      eval/bpb.json  eval/harness.json  eval/membership.json
+      eval/bpb.json                a decoder's bits per byte (BpbResult)
+      eval/objective.json          an encoder's or encoder-decoder's figures (ObjectiveResult)
+      eval/harness.json  eval/membership.json
       report.html
 """
 
@@ -32,7 +34,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -147,6 +149,83 @@ class BpbResult(_Record):
     macro_bpb: float
 
 
+
+class ObjectiveFigures(_Record):
+    """One domain's (or all domains' pooled) figures of a non-causal objective on fixed held-out windows.
+    Which fields are set depends on the objective: mlm the masked-token and pseudo-log-likelihood ones,
+    electra the generator's masked-token and the discriminator's replaced-token ones, span_corruption the
+    target ones. Counts are what the pooled figures were divided by."""
+
+    windows: int
+    tokens: int
+    masked_tokens: int | None = None  # mlm, electra: tokens chosen for prediction
+    masked_accuracy: float | None = None  # mlm, electra (the generator's): argmax = the original token
+    mlm_loss: float | None = None  # nats per masked token
+    pll_bpb: float | None = None  # mlm: -Σ log2 p(token | all others) / UTF-8 bytes (Salazar et al. 2020)
+    pll_windows: int | None = None  # the windows PLL scored (the first pll_windows_per_domain)
+    pll_tokens: int | None = None
+    pll_bytes: int | None = None
+    pll_nats: float | None = None  # -Σ log p, the numerator of pll_bpb in nats
+    rtd_accuracy: float | None = None  # electra: replaced-or-original right, over every position
+    replaced_share: float | None = None  # share of positions the generator's sample changed
+    rtd_recall: float | None = None  # share of the replaced positions the discriminator flagged
+    target_tokens: int | None = None  # span_corruption: decoder targets scored (sentinels and EOS included)
+    span_loss: float | None = None  # nats per target token, teacher-forced
+    span_accuracy: float | None = None  # argmax = the target token
+
+
+class ObjectiveProbe(_Record):
+    """Cross-validated accuracy of a linear classifier telling the held-out domains apart from the
+    encoder's mean-pooled final hidden states, and the majority-class share it must beat."""
+
+    accuracy: float
+    baseline: float
+    folds: int
+    windows: int
+    domains: int
+
+
+class ObjectiveSettings(_Record):
+    step: int  # the checkpoint evaluated
+    window_len: int  # tokens per window (the objective's training window)
+    max_windows_per_domain: int
+    pll_windows_per_domain: int | None = None  # mlm: PLL costs a forward per token, so it scores only these
+    batch_size: int
+    seed: int  # the run's: masks, corruption and generator samples are seeded from it and each window's index
+    device: str
+    domains_without_a_window: list[str] | None = None  # held-out domains shorter than one window: not evaluated
+
+
+class ObjectiveResult(_Record):
+    """``eval/objective.json``: how a masked LM, ELECTRA or span-corruption run does on the held-out tokens,
+    per domain and pooled (``overall``), and the linear domain probe of its encoder."""
+
+    objective: Literal["mlm", "electra", "span_corruption"]
+    domains: dict[str, ObjectiveFigures]
+    overall: ObjectiveFigures
+    probe: ObjectiveProbe | None = None  # None with a single held-out domain
+    settings: ObjectiveSettings
+
+
+class FigureInfo(NamedTuple):
+    label: str
+    unit: str
+    higher_is_better: bool
+    tokenizer_free: bool  # comparable between runs with different tokenizers
+
+
+# The headline figures of each objective, in display order, as the report and ``tokenmill compare`` show them.
+OBJECTIVE_FIGURES: dict[str, FigureInfo] = {
+    "probe_accuracy": FigureInfo("domain probe accuracy", "", True, True),
+    "pll_bpb": FigureInfo("pseudo-log-likelihood bits per byte", "bits/byte", False, True),
+    "masked_accuracy": FigureInfo("masked-token accuracy", "", True, False),
+    "mlm_loss": FigureInfo("MLM loss", "nats/masked token", False, False),
+    "rtd_accuracy": FigureInfo("replaced-token detection accuracy", "", True, False),
+    "span_loss": FigureInfo("span-corruption loss", "nats/target token", False, False),
+    "span_accuracy": FigureInfo("span-corruption target accuracy", "", True, False),
+}
+
+
 def harness_rows(result: dict) -> list[tuple[str, str, float, float | None, bool | None]]:
     """``(task, metric, value, stderr, higher_is_better)`` of each metric in a ``harness.json``; a metric
     under a filter other than lm_eval's ``none`` is named ``metric,filter``."""
@@ -228,6 +307,7 @@ class RunFolder:
         self.model = self.root / "model"
         self.eval = self.root / "eval"
         self.bpb = self.eval / "bpb.json"
+        self.objective_eval = self.eval / "objective.json"
         self.harness = self.eval / "harness.json"
         self.membership = self.eval / "membership.json"
         self.report = self.root / "report.html"
@@ -312,7 +392,7 @@ class RunFolder:
             "pack": [self.train_tokens, self.heldout_tokens, self.heldout_shard.parent],
             "train": [self.train],
             "export": [self.model],
-            "eval": [self.bpb],
+            "eval": [self.bpb, self.objective_eval],
         }[stage]
 
     def read_stage_records(self) -> dict[str, StageRecord]:
@@ -339,6 +419,9 @@ class RunFolder:
 
     def read_bpb(self) -> BpbResult | None:
         return BpbResult.read(self.bpb)
+
+    def read_objective_eval(self) -> ObjectiveResult | None:
+        return ObjectiveResult.read(self.objective_eval)
 
     def read_timings(self) -> dict[str, float]:
         return read_json(self.timings) or {}

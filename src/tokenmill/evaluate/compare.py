@@ -12,7 +12,13 @@ Each run folder becomes series of ``(tokens seen, value)`` per metric:
   (``train.bpb_every``), pooled over domains for ``bpb``;
 - ``eval_bpb``, ``eval_bpb/<domain>``: the same after training (``eval/bpb.json``), one point at the
   run's final token count;
-- ``<task>/<metric>``: lm-evaluation-harness results (``eval/harness.json``), one point likewise.
+- ``<task>/<metric>``: lm-evaluation-harness results (``eval/harness.json``), one point likewise;
+- for the non-causal objectives (``eval/objective.json``, ``tokenmill.runfolder.OBJECTIVE_FIGURES``), one
+  point likewise: ``probe_accuracy`` (the linear domain probe of the encoder, every objective),
+  ``pll_bpb`` and ``pll_bpb/<domain>`` (mlm's pseudo-log-likelihood bits per byte), ``masked_accuracy`` and
+  ``mlm_loss`` (mlm; electra's generator), ``rtd_accuracy`` (electra), ``span_loss`` and ``span_accuracy``
+  (span_corruption). Their ``val_loss`` is the objective's own loss, and they have no ``val_bpb`` (a
+  masked or corrupted token's loss is no code length of the text).
 
 Training compute at D tokens is ``select_flops + mix_search_flops + flops_per_token · D``: the model's own
 count per token (6·N plus attention, ``Llama.flops_per_token``), the data-selection cost the run declares in
@@ -24,11 +30,15 @@ Between logged points a value is interpolated linearly in log tokens; a run whos
 the point has no value there, so one-point metrics appear in a view only when the runs end on that point.
 
 Loss per token depends on the tokenizer: when runs' tokenizers differ, the loss metrics are marked not
-comparable, while bits per byte and harness metrics stay comparable.
+comparable, while bits per byte and harness metrics stay comparable. Losses of different objectives measure
+different things: when runs train different objectives, ``val_loss`` is marked not comparable, and so is an
+objective figure that runs of different objectives both have (an MLM's masked-token accuracy against an
+ELECTRA generator's); the domain probe compares every objective.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +52,18 @@ from tokenmill.evaluate.model_evals import load_run_recipe
 from tokenmill.evaluate.scaling import fit_chinchilla, fit_data_law, predict
 from tokenmill.files import read_json
 from tokenmill.model.hf import hf_model_config
-from tokenmill.model.llama import Llama, ModelConfig
+from tokenmill.model.build import build_model
+from tokenmill.model.llama import ModelConfig
 from tokenmill.recipe import Recipe
-from tokenmill.runfolder import RunFolder, SelectCost, harness_rows, read_mix_search_cost
+from tokenmill.runfolder import (
+    OBJECTIVE_FIGURES,
+    ObjectiveResult,
+    RunFolder,
+    SelectCost,
+    harness_rows,
+    read_mix_search_cost,
+)
+from tokenmill.train.checkpoint import checkpoints
 
 _GROUPS = ("val_loss", "val_bpb", "bpb", "eval_bpb")  # metric families in display order; harness metrics come after
 
@@ -63,6 +82,7 @@ class RunCurves:
     tokens: float  # tokens seen by the end of training
     series: dict[str, list[tuple[float, float]]]
     higher_is_better: dict[str, bool]
+    objective: str = "clm"  # model.objective: what val_loss measures
 
     @property
     def select_flops(self) -> float:
@@ -88,10 +108,12 @@ def load_run(path: Path, name: str | None = None) -> RunCurves:
     if not metrics:
         raise TokenmillError(f"{path}: no train/metrics.jsonl, so nothing to compare yet; train the run first")
     train_meta = read_json(folder.train_tokens / "meta.json") or {}
+    objective = recipe.model.objective
     with torch.device("meta"):  # shapes only: the model's own parameter and FLOP counts, no memory
-        model = Llama(_model_config(path, recipe, train_meta))
+        model = build_model(_model_config(path, recipe, train_meta))
     tokens = float(max(m["tokens"] for m in metrics if "tokens" in m))
-    series = _training_series(metrics, (read_json(folder.heldout_tokens / "meta.json") or {}).get("domains", {}))
+    heldout = (read_json(folder.heldout_tokens / "meta.json") or {}).get("domains", {}) if objective == "clm" else {}
+    series = _training_series(metrics, heldout)
     higher_is_better = {}
     bpb = folder.read_bpb()
     if bpb:
@@ -101,10 +123,27 @@ def load_run(path: Path, name: str | None = None) -> RunCurves:
     for task, metric, value, _, better in harness_rows(harness) if harness else []:
         series[f"{task}/{metric}"] = [(tokens, value)]
         higher_is_better[f"{task}/{metric}"] = bool(better)
+    evaluated = folder.read_objective_eval()
+    if evaluated:
+        series.update(objective_series(evaluated, tokens))
     return RunCurves(name or path.name, path, model.num_params(exclude_embedding=True),
                      float(model.flops_per_token(recipe.train.seq_len)), folder.read_select_cost(),
                      _mix_search_cost(recipe), train_meta.get("tokenizer_fingerprint"), tokens, series,
-                     higher_is_better)
+                     higher_is_better, objective)
+
+
+def objective_series(result: ObjectiveResult, tokens: float) -> dict[str, list[tuple[float, float]]]:
+    """One point at ``tokens`` per figure of ``eval/objective.json`` that the run has (its pooled value;
+    per domain too for ``pll_bpb``, as ``eval_bpb``)."""
+    series = {}
+    if result.probe is not None:
+        series["probe_accuracy"] = [(tokens, result.probe.accuracy)]
+    for key in OBJECTIVE_FIGURES:
+        value = getattr(result.overall, key, None)
+        if value is not None:
+            series[key] = [(tokens, value)]
+    series.update({f"pll_bpb/{d}": [(tokens, s.pll_bpb)] for d, s in result.domains.items() if s.pll_bpb is not None})
+    return series
 
 
 def _mix_search_cost(recipe: Recipe) -> SelectCost | None:
@@ -122,7 +161,15 @@ def _mix_search_cost(recipe: Recipe) -> SelectCost | None:
 
 def _model_config(path: Path, recipe: Recipe, train_meta: dict) -> ModelConfig:
     """The shape the run trained: its export's, else its starting checkpoint's, else the recipe's model
-    with the vocabulary it packed its tokens with."""
+    with the vocabulary it packed its tokens with. An encoder's or encoder-decoder's export is no Llama:
+    their shape is their newest checkpoint's, else the recipe's."""
+    if recipe.model.objective != "clm":
+        found = checkpoints(RunFolder(path).checkpoints)
+        if found:
+            return ModelConfig.model_validate(json.loads((found[-1][1] / "state.json").read_text())["model_config"])
+        pad = recipe.model.pad_id if recipe.model.pad_id is not None else 0  # any valid id: only shapes are read
+        return recipe.model.model_copy(update={"vocab_size": train_meta.get("vocab_size", recipe.model.vocab_size),
+                                               "pad_id": pad})
     for source in (path / "model", recipe.model.init_from):
         if source and (Path(source) / "config.json").is_file():
             return hf_model_config(Path(source))
@@ -147,6 +194,12 @@ def compare_runs(paths: list[Path], *, fit: bool = False, n_bootstrap: int = 200
         + ", ".join(f"{r.name}: {r.tokenizer or 'unknown'}" for r in runs)
         + "), so their losses per token (val_loss rows) are not comparable and are struck through. "
           "Compare bits per byte (val_bpb, bpb, eval_bpb), which does not depend on the tokenizer."]
+    if len({r.objective for r in runs}) > 1:
+        warnings.append(
+            "The runs train different objectives (" + ", ".join(f"{r.name}: {r.objective}" for r in runs)
+            + "), so their validation losses measure different things and are struck through, as is any "
+              "objective figure runs of different objectives share. Compare probe_accuracy, the linear domain "
+              "probe every encoder is evaluated with (the decoders: bits per byte, harness tasks).")
     metrics = sorted(set().union(*(r.series for r in runs)), key=_metric_order)
     equal_tokens = min(r.tokens for r in runs)
     equal_flops = min(r.flops(r.tokens) for r in runs)
@@ -155,7 +208,7 @@ def compare_runs(paths: list[Path], *, fit: bool = False, n_bootstrap: int = 200
                   "tokens": r.tokens, "train_flops": r.flops_per_token * r.tokens, "select_flops": r.select_flops,
                   "select_seconds": r.select.seconds if r.select else None, "mix_search_flops": r.mix_search_flops,
                   "mix_search_seconds": r.mix_search.seconds if r.mix_search else None, "flops": r.flops(r.tokens),
-                  "tokenizer": r.tokenizer} for r in runs],
+                  "tokenizer": r.tokenizer, "objective": r.objective} for r in runs],
         "same_tokenizer": same_tokenizer,
         "warnings": warnings,
         "metrics": {m: _describe(m, runs, same_tokenizer) for m in metrics},
@@ -250,18 +303,28 @@ def _at(points: list[tuple[float, float]] | None, x: float) -> float | None:
 
 def _describe(metric: str, runs: list[RunCurves], same_tokenizer: bool) -> dict:
     family = metric.split("/")[0]
+    having = {r.objective for r in runs if metric in r.series}
     if family in _GROUPS:
         is_loss = family == "val_loss"
         return {"unit": "nats/token" if is_loss else "bits/byte", "higher_is_better": False,
-                "comparable": same_tokenizer or not is_loss}
+                "comparable": (same_tokenizer and len(having) == 1) or not is_loss}
+    if family in OBJECTIVE_FIGURES:
+        info = OBJECTIVE_FIGURES[family]
+        return {"unit": info.unit, "higher_is_better": info.higher_is_better,
+                "comparable": (same_tokenizer or info.tokenizer_free)
+                and (family == "probe_accuracy" or len(having) == 1)}
     better = next(r.higher_is_better[metric] for r in runs if metric in r.higher_is_better)
     return {"unit": "", "higher_is_better": better, "comparable": True}
 
 
 def _metric_order(metric: str) -> tuple:
+    """The families in order (the objective figures after the decoder's), each before its per-domain
+    rows; harness metrics last, by name."""
     family, _, domain = metric.partition("/")
-    group = _GROUPS.index(family) if family in _GROUPS else len(_GROUPS)
-    return group, domain != "" if group < len(_GROUPS) else False, metric
+    families = [*_GROUPS, *OBJECTIVE_FIGURES]
+    if family in families:
+        return families.index(family), domain != "", metric
+    return len(families), False, metric
 
 
 def _names(paths: list[Path]) -> list[str]:

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from tokenmill.files import write_json_atomic
 from tokenmill.report.page import cell, png, table, write_page
+from tokenmill.runfolder import OBJECTIVE_FIGURES
 
 _VIEWS = ("final", "equal_tokens", "equal_compute")
 _BPB = ("val_bpb", "bpb", "eval_bpb")  # bits-per-byte families, drawn together per domain
@@ -35,14 +36,17 @@ def _flops(value: float) -> str:
 
 
 def _runs(result: dict) -> str:
-    rows = [(r["name"], r["params"], int(r["tokens"]), _flops(r["flops_per_token"]), _flops(r["train_flops"]),
-             _flops(r["select_flops"]) if r["select_flops"] else "–", r["select_seconds"],
+    objectives = [r.get("objective", "clm") for r in result["runs"]]
+    encoders = any(o != "clm" for o in objectives)  # the objective column only where it says something
+    rows = [(r["name"], *([o] if encoders else []), r["params"], int(r["tokens"]), _flops(r["flops_per_token"]),
+             _flops(r["train_flops"]), _flops(r["select_flops"]) if r["select_flops"] else "–", r["select_seconds"],
              _flops(r["mix_search_flops"]) if r["mix_search_flops"] else "–", _flops(r["flops"]),
-             r["tokenizer"] or "unknown") for r in result["runs"]]
+             r["tokenizer"] or "unknown") for r, o in zip(result["runs"], objectives)]
     warnings = "".join(f'<p class="warning">{escape(w)}</p>' for w in result["warnings"])
     return warnings + table(
-        ["run", "parameters N", "tokens seen", "FLOPs per token", "training FLOPs", "selection FLOPs",
-         "selection seconds", "mixture-search FLOPs", "total FLOPs", "tokenizer"], rows) + (
+        ["run", *(["objective"] if encoders else []), "parameters N", "tokens seen", "FLOPs per token",
+         "training FLOPs", "selection FLOPs", "selection seconds", "mixture-search FLOPs", "total FLOPs",
+         "tokenizer"], rows) + (
         "<p>Training FLOPs are 6·N·D plus attention (the model's own count per token); selection FLOPs come "
         "from a run's <code>select_cost.json</code>.</p>")
 
@@ -69,12 +73,19 @@ def _results(result: dict) -> str:
                 cells.append(f'<td class="{css}">' if css else "<td>")
                 cells.append(f"{cell(values[name])}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
+    objective = [m for m in result["metrics"] if m.split("/")[0] in OBJECTIVE_FIGURES]
+    objective_note = (
+        " Rows of the non-causal objectives, after training (eval/objective.json): "
+        + "; ".join(f"{f}: {info.label}" for f, info in OBJECTIVE_FIGURES.items()
+                    if any(m.split("/")[0] == f for m in objective))
+        + ". Their val_loss is the objective's own loss (masked tokens, ELECTRA's combined loss, span targets)."
+    ) if objective else ""
     return (
         "<p>val_loss: validation loss in nats per token, logged during training; val_bpb: the same in bits per "
         "byte (through each held-out domain's tokens per byte); bpb: bits per byte of held-out documents during "
         "training; eval_bpb: the same after training; other rows: lm-evaluation-harness metrics. Equal-tokens "
         "and equal-compute values are interpolated in log tokens between logged points; – where a run has no "
-        "value there.</p>"
+        f"value there.{escape(objective_note)}</p>"
         f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
     )
 
@@ -92,7 +103,8 @@ def _plots(result: dict) -> str:
     losses = [m for m, f in families.items() if f == "val_loss"]
     bpb = [m for m, f in families.items() if f in _BPB]
     domains = sorted({m.partition("/")[2] for m in bpb})  # "" (all domains) first
-    harness = [m for m, f in families.items() if f != "val_loss" and f not in _BPB]
+    objective = [m for m, f in families.items() if f in OBJECTIVE_FIGURES]
+    harness = [m for m, f in families.items() if f != "val_loss" and f not in _BPB and f not in OBJECTIVE_FIGURES]
     parts = []
     if losses:
         parts.append("<h3>Validation loss</h3>" + _figure(result, [(m, [m]) for m in losses]))
@@ -101,6 +113,9 @@ def _plots(result: dict) -> str:
                  [f"{f}/{d}" if d else f for f in _BPB]) for d in domains]
         parts.append("<h3>Bits per byte</h3><p>Dotted: val_bpb, from the validation loss; solid: bpb, measured "
                      "during training; diamonds: eval_bpb, after training.</p>" + _figure(result, rows))
+    if objective:
+        parts.append("<h3>Objective evaluation</h3><p>Each encoder's figures after training "
+                     "(eval/objective.json).</p>" + _figure(result, [(m, [m]) for m in objective]))
     if harness:
         parts.append("<h3>Harness</h3>" + _figure(result, [(m, [m]) for m in harness]))
     return "".join(parts) or "<p>No evaluation to plot.</p>"
@@ -124,7 +139,9 @@ def _figure(result: dict, rows: list[tuple[str, list[str]]]) -> str:
                 by_flops.plot(flops, values, **style)
         info = next(result["metrics"][m] for m in metrics if m in result["metrics"])
         if not info["comparable"]:
-            title += "  (not comparable: tokenizers differ)"
+            reasons = [*(["tokenizers differ"] if not result["same_tokenizer"] else []),
+                       *(["objectives differ"] if len({r.get("objective", "clm") for r in runs}) > 1 else [])]
+            title += f"  (not comparable: {', '.join(reasons) or 'tokenizers differ'})"
         for ax, x, label in ((by_tokens, result["equal_tokens"]["tokens"], "tokens seen"),
                              (by_flops, result["equal_compute"]["flops"], "training FLOPs (with selection)")):
             ax.axvline(x, color="#888888", linestyle="--", linewidth=1)

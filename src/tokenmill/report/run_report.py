@@ -11,11 +11,19 @@ import statistics
 from html import escape
 from pathlib import Path
 
+import yaml
 from matplotlib.figure import Figure
 
 from tokenmill.files import read_json
 from tokenmill.report.page import not_run, png, table, write_page
-from tokenmill.runfolder import BpbResult, RunFolder, StepStats, harness_rows, membership_source
+from tokenmill.runfolder import (
+    BpbResult,
+    ObjectiveResult,
+    RunFolder,
+    StepStats,
+    harness_rows,
+    membership_source,
+)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -29,9 +37,9 @@ def write_report(run_dir: Path) -> Path:
         "tokens": _tokens(read_json(f.train_tokens / "meta.json")),
         "training": _training(f.read_metrics(), timings, read_json(f.summary)),
         "mixture": _mixture(f.read_metrics(), read_json(f.summary)),
-        "evaluation": (_bits_per_byte(f.read_bpb()) + _harness(read_json(f.harness))
+        "evaluation": (_model_evaluation(f) + _harness(read_json(f.harness))
                        + _membership(read_json(f.membership))),
-        "model": _model(f.model),
+        "model": _model(f.model, _objective_of(f)),
     }
     return write_page(f.report, f"tokenmill run {f.root.resolve().name}", bodies)
 
@@ -152,7 +160,7 @@ def _training(metrics: list[dict] | None, timings: dict | None, summary: dict | 
 
 def _mixture(metrics: list[dict] | None, summary: dict | None) -> str:
     """The mixture training realised, per metric line (each domain's share of the sequences since the
-    previous line), and DoReMi's weights step by step when they were set online."""
+    previous line), and DoReMi's domain weights step by step when it ran."""
     if metrics is None:
         return not_run("train/metrics.jsonl")
     realised, domains = _family(metrics, "mix")
@@ -208,6 +216,78 @@ def _curve_label(key: str, prefix: str) -> str:
     return f"{prefix} ({domain})" if domain else prefix
 
 
+def _model_evaluation(f: RunFolder) -> str:
+    """A decoder's bits per byte; an encoder's or encoder-decoder's objective figures (and bits per byte
+    beside them, should a run have both)."""
+    result, bpb = f.read_objective_eval(), f.read_bpb()
+    if result is None and _objective_of(f) == "clm":
+        return _bits_per_byte(bpb)
+    return (_objective(result) if result else not_run("eval/objective.json")) + (_bits_per_byte(bpb) if bpb else "")
+
+
+def _objective_of(f: RunFolder) -> str:
+    """The recipe's ``model.objective`` as written (clm where the recipe cannot be read: its own section
+    says why)."""
+    try:
+        data = yaml.safe_load(f.recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "clm"
+    model = data.get("model") if isinstance(data, dict) else None
+    return str(model.get("objective", "clm")) if isinstance(model, dict) else "clm"
+
+
+_OBJECTIVE_COLUMNS = {  # objective: (what it is, [(field, heading)])
+    "mlm": ("masked language model", [
+        ("masked_tokens", "masked tokens"), ("masked_accuracy", "masked-token accuracy"),
+        ("mlm_loss", "MLM loss (nats/masked token)"), ("pll_bpb", "PLL bits per byte"),
+        ("pll_windows", "PLL windows"), ("pll_tokens", "PLL tokens"), ("pll_bytes", "PLL bytes")]),
+    "electra": ("ELECTRA generator and discriminator", [
+        ("masked_tokens", "masked tokens"), ("masked_accuracy", "generator masked-token accuracy"),
+        ("mlm_loss", "generator MLM loss (nats/masked token)"), ("rtd_accuracy", "replaced-token detection accuracy"),
+        ("replaced_share", "replaced share"), ("rtd_recall", "replaced tokens detected")]),
+    "span_corruption": ("span-corruption encoder-decoder", [
+        ("target_tokens", "target tokens"), ("span_loss", "loss (nats/target token)"),
+        ("span_accuracy", "target-token accuracy")]),
+}
+_PROBED = {"mlm": "the encoder", "electra": "the discriminator", "span_corruption": "the encoder"}
+
+
+def _objective(result: ObjectiveResult) -> str:
+    """The figures of a non-causal objective per domain and pooled, and the domain probe."""
+    what, columns = _OBJECTIVE_COLUMNS[result.objective]
+    st = result.settings
+    headers = ["domain", "windows", *(heading for _, heading in columns)]
+
+    def row(name: str, s) -> tuple:
+        return (name, s.windows, *(getattr(s, field) for field, _ in columns))
+
+    notes = {
+        "mlm": " Pseudo-log-likelihood (Salazar et al. 2020): every text token masked in turn, its log-probability "
+               f"summed, over the first {st.pll_windows_per_domain} windows of each domain only (a forward pass "
+               "per token), in bits per UTF-8 byte of their text (lower is better).",
+        "electra": " The generator fills the masked positions with its own samples; the discriminator marks each "
+                   "position replaced or original. Always answering original scores 1 − the replaced share.",
+        "span_corruption": " Noise spans replaced by sentinels (as in training), targets decoded with teacher "
+                           "forcing; sentinels and EOS count as targets.",
+    }[result.objective]
+    text = (f"<p>The {escape(what)} ({escape(result.objective)}, checkpoint of step {st.step}) on up to "
+            f"{st.max_windows_per_domain} fixed held-out windows of {st.window_len} tokens per domain, masked or "
+            f"corrupted as in training's validation; figures pooled over the windows.{escape(notes)}</p>")
+    text += table(headers, [row(d, s) for d, s in sorted(result.domains.items())],
+                  total=row("overall (pooled)", result.overall))
+    if st.domains_without_a_window:
+        text += (f"<p>Not evaluated, shorter than one window of held-out tokens: "
+                 f"{escape(', '.join(st.domains_without_a_window))}.</p>")
+    p = result.probe
+    if p is None:
+        return text + "<p>Domain probe: not run (a single held-out domain).</p>"
+    return text + (
+        f"<p>Domain probe: a logistic regression on the mean-pooled final hidden states of {_PROBED[result.objective]} "
+        f"tells the {p.domains} held-out domains apart with <b>{p.accuracy:.4f}</b> accuracy ({p.folds}-fold "
+        f"stratified cross-validation over {p.windows} windows), against <b>{p.baseline:.4f}</b> for always "
+        f"answering the largest domain.</p>")
+
+
 def _bits_per_byte(bpb: BpbResult | None) -> str:
     if bpb is None:
         return not_run("eval/bpb.json")
@@ -252,9 +332,14 @@ def _membership(result: dict | None) -> str:
             + table(["method", "AUC", "TPR at 5% FPR"], rows))
 
 
-def _model(model_dir: Path) -> str:
+_AUTO_CLASS = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
+               "electra": "AutoModelForTokenClassification", "span_corruption": "AutoModelForSeq2SeqLM"}
+
+
+def _model(model_dir: Path, objective: str) -> str:
     if not model_dir.is_dir():
         return not_run("model/ (the Hugging Face export)")
     path = escape(str(model_dir.resolve()))
+    auto = _AUTO_CLASS.get(objective, "AutoModel")
     return (f"<p>Hugging Face export in <code>{path}</code>; load it with "
-            f"<code>transformers.AutoModelForCausalLM.from_pretrained(&quot;{path}&quot;)</code>.</p>")
+            f"<code>transformers.{auto}.from_pretrained(&quot;{path}&quot;)</code>.</p>")
