@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from data_efficiency import tokens_to_reach
@@ -76,6 +75,7 @@ SCALES = {
                       proxy_model=dict(dim=16, n_layers=1, n_heads=2), proxy_steps=3,
                       search=dict(proxies=5, rounds=2, proxies_per_round=2, candidates=200, top_k=10)),
 }
+ARMS = ("uniform", "searched_macro", "searched_pair", "doremi", "upsample_end", "meco", "related")
 BARS = {"searched_token_ratio": 0.7, "rho": 0.8, "meco_token_ratio": 0.8}
 
 
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 0.8],
                         help="shares of the tokens of the complete shorter runs of the searched and MeCo arms")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the natural arm (the noise)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="arms to train beside natural (default: all); searched_* share one search")
     args = parser.parse_args(argv)
     setting = SCALES["smoke" if args.smoke else args.scale]
     scale = setting.data
@@ -197,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(data.tokenizer_dir)
     pack_documents([work / "data" / "heldout" / "shard-00000.parquet"], tokenizer, work / "data" / "heldout-tokens",
                    workers=1)
-    related_config = PackConfig(order="related", order_by="embedding", embedding_backend="tfidf")
-    pack_documents([work / "data" / "docs" / "shard-00000.parquet"], tokenizer, work / "data" / "related-tokens",
-                   workers=1, config=related_config)
+    if "related" in args.arms:
+        related_config = PackConfig(order="related", order_by="embedding", embedding_backend="tfidf")
+        pack_documents([work / "data" / "docs" / "shard-00000.parquet"], tokenizer, work / "data" / "related-tokens",
+                       workers=1, config=related_config)
     meta = json.loads((data.tokens / "meta.json").read_text())
     natural = np.array([meta["domains"][d]["tokens"] for d in domains], float)
     natural /= natural.sum()
@@ -209,24 +212,27 @@ def main(argv: list[str] | None = None) -> None:
     arms: dict[str, dict] = {}
     arm_settings: dict[str, Any] = {}
 
-    def arm(name: str, **fields: Any) -> dict:
-        arms[name] = run(cfg, scale, data, work / name, args.device, **common, **fields)
-        arm_settings[name] = {k: v for k, v in fields.items() if k not in ("tokens", "val_tokens")}
-        return arms[name]
+    def arm(name: str, **fields: Any) -> None:
+        if name in args.arms:
+            arms[name] = run(cfg, scale, data, work / name, args.device, **common, **fields)
+            arm_settings[name] = {k: v for k, v in fields.items() if k not in ("tokens", "val_tokens")}
 
     naturals = [run(cfg, scale, data, work / f"natural-seed{s}", args.device, **common, seed=s,
                     val_tokens=work / "data" / "heldout-tokens") for s in range(args.seeds)]
     arms["natural"] = naturals[0]
     arm("uniform", domain_weights={d: 1.0 for d in domains})
-    found = mix_search(setting, scale, data, domains, natural, targets, work / "search", args.device)
-    for name in targets:
-        arm(f"searched_{name}", domain_weights=found["best"][name]["weights"])
-    proxy_cfg = model_config(scale, data, **setting.proxy_model)
-    reference = run(proxy_cfg, scale, data, work / "doremi-reference", args.device, **common,
-                    val_tokens=work / "data" / "heldout-tokens")
-    doremi_proxy = run(proxy_cfg, scale, data, work / "doremi-proxy", args.device, **common,
-                       mixture={"online": "doremi", "doremi": {"reference": str(work / "doremi-reference")}})
-    arm("doremi", domain_weights=doremi_proxy["summary"]["doremi_mean_weights"])
+    found = None
+    if {"searched_macro", "searched_pair"} & set(args.arms):
+        found = mix_search(setting, scale, data, domains, natural, targets, work / "search", args.device)
+        for name in targets:
+            arm(f"searched_{name}", domain_weights=found["best"][name]["weights"])
+    if "doremi" in args.arms:
+        proxy_cfg = model_config(scale, data, **setting.proxy_model)
+        reference = run(proxy_cfg, scale, data, work / "doremi-reference", args.device, **common,
+                        val_tokens=work / "data" / "heldout-tokens")
+        doremi_proxy = run(proxy_cfg, scale, data, work / "doremi-proxy", args.device, **common,
+                           mixture={"online": "doremi", "doremi": {"reference": str(work / "doremi-reference")}})
+        arm("doremi", domain_weights=doremi_proxy["summary"]["doremi_mean_weights"])
     arm("upsample_end", mixture={"phases": [{"until": 0.8}, {"until": 1.0, "upsample": {d: 4.0 for d in pair}}]})
     arm("meco", metadata={"field": "domain", "cooldown_fraction": 0.1})
     arm("related", tokens=work / "data" / "related-tokens")
@@ -235,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     natural_final = {name: target_of(final(naturals[0]), t) for name, t in targets.items()}
     complete: dict[str, dict[str, list]] = {}
     for name, target_names in (("searched_macro", ["macro"]), ("searched_pair", ["pair"]), ("meco", ["macro"])):
+        if name not in arms:
+            continue
         points = []
         for fraction in args.fractions:
             short = run(cfg, scale, data, work / f"{name}-{fraction}", args.device, lr=setting.lr,
@@ -266,31 +274,35 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     rows = {name: summary(name, result) for name, result in arms.items()}
-    rows["searched_macro"]["weights"] = found["best"]["macro"]["weights"]
-    rows["searched_pair"]["weights"] = found["best"]["pair"]["weights"]
     rows["natural"]["weights"] = dict(zip(domains, np.round(natural, 4).tolist()))
-    rows["doremi"]["weights"] = doremi_proxy["summary"]["doremi_mean_weights"]
-    rows["doremi"]["proxy_flops"] = reference["flops"] + doremi_proxy["flops"]
-    rows["doremi"]["proxy_seconds"] = round(reference["seconds"] + doremi_proxy["seconds"], 1)
+    met = {}
+    if found is not None:
+        for name in targets:
+            if f"searched_{name}" in rows:
+                rows[f"searched_{name}"]["weights"] = found["best"][name]["weights"]
+                ratio_ = rows[f"searched_{name}"]["token_ratio"][name]
+                met[f"searched_{name}"] = ratio_ is not None and ratio_ <= BARS["searched_token_ratio"]
+        met["rho"] = all(r is not None and round(r, 4) >= BARS["rho"] for r in found["rho_heldout"].values())
+    if "doremi" in rows:
+        rows["doremi"]["weights"] = doremi_proxy["summary"]["doremi_mean_weights"]
+        rows["doremi"]["proxy_flops"] = reference["flops"] + doremi_proxy["flops"]
+        rows["doremi"]["proxy_seconds"] = round(reference["seconds"] + doremi_proxy["seconds"], 1)
     spread = {"macro": [round(min(macro_seeds), 4), round(max(macro_seeds), 4)],
               "pair": [round(min(pair_seeds), 4), round(max(pair_seeds), 4)], "seeds": args.seeds}
-    up = rows["upsample_end"]
-    met = {
-        "searched_macro": (rows["searched_macro"]["token_ratio"]["macro"] or 9) <= BARS["searched_token_ratio"],
-        "searched_pair": (rows["searched_pair"]["token_ratio"]["pair"] or 9) <= BARS["searched_token_ratio"],
-        "rho": all(r is not None and round(r, 4) >= BARS["rho"] for r in found["rho_heldout"].values()),
-        "upsample_end_pair_better": up["final_pair_bpb"] < min(pair_seeds),
-        "upsample_end_macro_within_noise": min(macro_seeds) - (max(macro_seeds) - min(macro_seeds))
-        <= up["final_macro_bpb"] <= max(macro_seeds) + (max(macro_seeds) - min(macro_seeds)),
-        "meco": (rows["meco"]["token_ratio"]["macro"] or 9) <= BARS["meco_token_ratio"],
-    }
+    if "upsample_end" in rows:
+        up, width = rows["upsample_end"], max(macro_seeds) - min(macro_seeds)
+        met["upsample_end_pair_better"] = up["final_pair_bpb"] < min(pair_seeds)
+        met["upsample_end_macro_within_noise"] = min(macro_seeds) - width <= up["final_macro_bpb"] <= max(macro_seeds) + width
+    if "meco" in rows:
+        met["meco"] = (rows["meco"]["token_ratio"]["macro"] or 9) <= BARS["meco_token_ratio"]
     print(json.dumps({
         "benchmark": "mixtures", "scale": "smoke" if args.smoke else args.scale, "device": args.device,
         "corpus": str(corpus), "domains": domains, "pair": pair, "peer": "natural",
         "model": cfg.model_dump(include={"dim", "n_layers", "n_heads", "vocab_size"}), "seq_len": scale.seq_len,
         "batch_size": scale.batch_size, "steps": steps, "tokens": total_tokens, "lr": setting.lr,
         "natural_final": {t: round(v, 4) for t, v in natural_final.items()}, "natural_seed_spread": spread,
-        "search": {k: v for k, v in found.items() if k != "table"}, "proxies": found["table"],
+        "search": {k: v for k, v in found.items() if k != "table"} if found else None,
+        "proxies": found["table"] if found else None,
         "arms": rows, "bars": BARS, "met": met, "seconds": round(time.perf_counter() - start, 1),
     }))
 
