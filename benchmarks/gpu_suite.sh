@@ -5,6 +5,7 @@
 #   1. train_speed_124M           tokenmill vs HF Llama and litgpt, compiled, bf16, 16 x 1024
 #      train_speed_124M_doc_mask  tokenmill with document masking (train.doc_mask), same shape
 #   2. train_speed_350M_ac        350M with activation checkpointing none / selective / full, no peers
+#      train_speed_mlm           the encoder (MaskedLM) at the 124M shape vs HF ModernBertForMaskedLM, rounds
 #   3. memory                     one line per optimizer (adamw, muon, galore, sltrain) at 350M, micro-batch
 #                                 4 x 1024, bf16 autocast, 3 steps: CUDA peak, measured and predicted bytes
 #   4. pytest_gpu                 the summary line of `python -m pytest -q -m gpu`
@@ -225,6 +226,7 @@ if (( SMOKE )); then
   run_step train_speed_124M json 60 20 -- "$PY" "$TS" --smoke
   run_step train_speed_124M_doc_mask json 60 20 -- "$PY" "$TS" --smoke --doc-mask --peers ""
   run_step train_speed_350M_ac json 60 10 -- "$PY" "$TS" --smoke --ac none,selective,full --peers ""
+  run_step train_speed_mlm json 60 10 -- "$PY" "$TS" --objective mlm --smoke
   run_step memory json 60 0 -- "$PY" "$WORK/memory_bench.py" --smoke
   echo '{"figure": "pytest_gpu", "pytest_gpu": "skipped: no GPU"}'
   SUMMARY+=("pytest_gpu=skipped")
@@ -234,13 +236,15 @@ else
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >&2
   fi
   # Compile dominates each contender (~0.5-1 min cold), so few warm-up and timed steps; reserves are
-  # the minimums the later steps keep: doc_mask 40, 350M 60, memory 40, pytest 60.
+  # the minimums the later steps keep: doc_mask 40, 350M 60, mlm 40, memory 40, pytest 60.
   FAST=(--warmup 3 --steps 20)
-  run_step train_speed_124M json 150 200 -- "$PY" "$TS" --preset 124M --micro-batch 16 --seq 1024 "${FAST[@]}"
-  run_step train_speed_124M_doc_mask json 70 160 -- \
+  run_step train_speed_124M json 150 240 -- "$PY" "$TS" --preset 124M --micro-batch 16 --seq 1024 "${FAST[@]}"
+  run_step train_speed_124M_doc_mask json 70 200 -- \
     "$PY" "$TS" --preset 124M --micro-batch 16 --seq 1024 --doc-mask --peers "" "${FAST[@]}"
-  run_step train_speed_350M_ac json 150 100 -- \
+  run_step train_speed_350M_ac json 150 140 -- \
     "$PY" "$TS" --preset 350M --micro-batch 16 --seq 1024 --ac none,selective,full --peers "" "${FAST[@]}"
+  run_step train_speed_mlm json 90 100 -- \
+    "$PY" "$TS" --objective mlm --preset 124M --micro-batch 16 --seq 1024 "${FAST[@]}"
   run_step memory json 70 60 -- "$PY" "$WORK/memory_bench.py"
   if cuda_ok; then
     # Collection errors elsewhere (an optional package missing) must not hide the GPU tests' result.

@@ -19,6 +19,22 @@ does not depend on the text, so the benchmark needs no corpus.
 ``eos_id``, the batches end a document every ~seq/4 tokens, and the explicit mask takes SDPA off its
 flash path. The peers have no document masking; with ``--doc-mask`` they are still measured unmasked.
 
+``--objective mlm`` measures the encoder instead: tokenmill's ``MaskedLM`` train step beside HF
+``transformers.ModernBertForMaskedLM`` of the same shape, configured as ``model/hf_encoder.py`` exports
+it (every layer global attention, the same RoPE theta, erf GELU, no biases but the decoder's, tied
+decoder, SDPA attention), on the same batch with the same masking (BERT's 15%, 80/10/10; labels -1 off
+the masked positions for tokenmill, -100 for HF). HF runs with ``sparse_prediction=False``: its decoder
+then scores every position, as tokenmill's ``MaskedLM`` does (``--peers hf,hf_sparse`` adds the sparse
+setting, which decodes only the masked positions, as a reference outside the bar). Both models stay
+built and take turns: after their warm-up, ``--rounds`` rounds in a rotating order, each timing every
+contender over ``--steps / --rounds`` steps, so drift on a shared machine hits both alike; the figure is
+each contender's median over rounds. On CPU (no CUDA, or ``--device cpu``) fp32 and eager at a small
+encoder shape (dim 256, 4 layers, seq 128, micro-batch 8, vocab 8192); on GPU bf16 autocast and
+compile at ``--preset``. Bar: tokenmill ≥ 1.0× HF on CPU, ≥ 1.1× on GPU.
+
+    PYTHONPATH=src python benchmarks/train_speed.py --objective mlm            # CPU: ~1 min; GPU: 124M shape
+    PYTHONPATH=src python benchmarks/train_speed.py --objective mlm --smoke    # CPU, tiny shape, seconds
+
 Prints one JSON line. litgpt is measured when importable (``pip install litgpt``), else noted.
 """
 
@@ -31,6 +47,7 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,21 +149,31 @@ def _release() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="124M", help="tokenmill model preset (default 124M)")
-    parser.add_argument("--vocab", type=int, default=50304)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=None, help="default 50304 (--objective mlm on CPU: 8192)")
+    parser.add_argument("--seq", type=int, default=None, help="default 1024 (--objective mlm on CPU: 128)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default 16 (--objective mlm on CPU: 8)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--ac", default="none", help="tokenmill activation checkpointing modes to measure, "
                                                      "comma-separated: none, selective, full")
-    parser.add_argument("--peers", default="hf,litgpt", help="peers to measure: hf, litgpt (comma-separated; "
-                                                              "empty for none)")
+    parser.add_argument("--peers", default=None, help="peers to measure, comma-separated, empty for none: hf, "
+                        "litgpt (default both); with --objective mlm hf (ModernBERT, dense decoder; the default) "
+                        "and hf_sparse (its sparse_prediction, a reference)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--doc-mask", action="store_true",
                         help="tokenmill with document masking (train.doc_mask), EOS every ~seq/4 tokens")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, fp32, no compile, a tiny shape and 3 steps: checks the benchmark runs")
+    parser.add_argument("--objective", choices=("clm", "mlm"), default="clm",
+                        help="clm: the decoder (Llama) beside HF Llama and litgpt; mlm: the encoder (MaskedLM) "
+                        "beside HF ModernBertForMaskedLM, in interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="--objective mlm: interleaved timing rounds")
+    parser.add_argument("--device", default=None, help="--objective mlm: cpu or cuda (default: cuda if available)")
     args = parser.parse_args()
+    if args.objective == "mlm":
+        return encoder_main(args)
+    args.vocab, args.seq, args.micro_batch = args.vocab or 50304, args.seq or 1024, args.micro_batch or 16
+    args.peers = "hf,litgpt" if args.peers is None else args.peers
 
     eos_id = 0 if args.doc_mask else None  # any id: the batches below place it
     if args.smoke:
@@ -213,6 +240,160 @@ def main() -> None:
         "compile": compile_, "doc_mask": args.doc_mask, "warmup_steps": warmup, "timed_steps": steps,
         "flops_per_token": flops_per_token, "peak_flops": peak,
         "torch": torch.__version__, "results": results, **ratios,
+    }))
+
+
+# ---- the encoder (--objective mlm) ---------------------------------------------------------------------
+
+
+def modernbert_config(cfg: ModelConfig, sparse: bool):
+    """HF ModernBERT computing what tokenmill's MaskedLM computes, as ``model/hf_encoder.py`` exports it."""
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, hidden_activation="gelu",
+        classifier_activation="gelu", max_position_embeddings=cfg.max_seq_len, initializer_range=cfg.init_std,
+        norm_eps=cfg.norm_eps, norm_bias=False, attention_bias=False, mlp_bias=False, decoder_bias=True,
+        classifier_bias=False, layer_types=["full_attention"] * cfg.n_layers, global_attn_every_n_layers=1,
+        rope_parameters={kind: {"rope_type": "default", "rope_theta": cfg.rope_theta}
+                         for kind in ("full_attention", "sliding_attention")},
+        local_attention=4 * cfg.max_seq_len, tie_word_embeddings=True, sparse_prediction=sparse,
+        attn_implementation="sdpa",  # random tokens: no special-token ids (HF's defaults lie past a small vocab)
+        pad_token_id=None, bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None,
+    )
+
+
+def masked_lm_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    """tokenmill's MaskedLM as the loop trains it: parallelize, each sequence's mean loss over its masked
+    tokens (``train.objectives.Masked``), their mean."""
+    from tokenmill.model.encoder import MaskedLM
+
+    model = parallelize(MaskedLM(cfg).to(device), tcfg, None, bf16=bf16)
+
+    def loss(inputs, labels):
+        _, token_loss = model(inputs, labels, reduction="none")
+        return (token_loss.sum(dim=1) / (labels >= 0).sum(dim=1).clamp(min=1)).mean()
+
+    return _trainer(model, loss, tcfg, device, bf16)
+
+
+def modernbert_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool, sparse: bool) -> Step:
+    from transformers import ModernBertForMaskedLM
+
+    model = ModernBertForMaskedLM(modernbert_config(cfg, sparse)).to(device).train()
+    forward = torch.compile(model) if tcfg.compile else model
+    return _trainer(model, lambda inputs, labels: forward(input_ids=inputs, labels=labels).loss, tcfg, device, bf16)
+
+
+def interleaved(contenders: dict[str, tuple[Step, tuple[torch.Tensor, torch.Tensor]]], warmup: int, steps: int,
+                rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Tokens/s of each contender in each round: all warmed up first, then ``rounds`` rounds in which each
+    runs ``steps`` timed steps, the order rotating by one every round."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for step, batch in contenders.values():
+        for _ in range(warmup):
+            step(*batch)
+    sync()
+    names = list(contenders)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, batch = contenders[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(*batch)
+            sync()
+            timings[name].append(round(steps * batch[0].numel() / (time.perf_counter() - start), 1))
+    return timings
+
+
+def encoder_main(args: argparse.Namespace) -> None:
+    from tokenmill.tokens.corruption import MaskingConfig, mask_tokens
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("train_speed: --device cuda but torch sees no CUDA device")
+    if args.smoke:
+        if device.type != "cpu":
+            sys.exit("train_speed: --smoke runs on the CPU")
+        bf16, compile_, warmup, steps, rounds = False, False, 1, 2, 3
+        cfg = ModelConfig(objective="mlm", dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64)
+        micro_batch, seq = 2, 64
+    elif device.type == "cpu":  # a shape a CPU trains: eager fp32, as the CPU runs of the trainer do
+        bf16, compile_ = False, False
+        seq, micro_batch = args.seq or 128, args.micro_batch or 8
+        cfg = ModelConfig(objective="mlm", dim=256, n_layers=4, n_heads=4, vocab_size=args.vocab or 8192,
+                          max_seq_len=seq)
+        warmup, steps, rounds = 2, max(1, args.steps // args.rounds), args.rounds
+    else:
+        bf16, compile_ = True, not args.no_compile
+        torch.set_float32_matmul_precision("high")
+        seq, micro_batch = args.seq or 1024, args.micro_batch or 16
+        cfg = ModelConfig(preset=args.preset, objective="mlm", vocab_size=args.vocab or 50304,
+                          max_seq_len=max(seq, 1024))
+        warmup, steps, rounds = args.warmup, max(1, args.steps // args.rounds), args.rounds
+    with torch.device("meta"):
+        from tokenmill.model.encoder import MaskedLM
+
+        flops_per_token = MaskedLM(cfg).flops_per_token(seq)
+    peak = peak_flops(device, bf16)
+
+    # Random tokens below four "special" ids at the top of the vocabulary, masked as training masks them.
+    masking = MaskingConfig()
+    mask_id, specials = cfg.vocab_size - 1, np.arange(cfg.vocab_size - 4, cfg.vocab_size)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size - 4, (micro_batch, seq))
+    inputs, labels = mask_tokens(tokens, np.arange(micro_batch), masking, seed=0, mask_id=mask_id,
+                                 vocab_size=cfg.vocab_size, special_ids=specials)
+    inputs, labels = torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device)
+    hf_labels = labels.masked_fill(labels < 0, -100)
+    tcfg = TrainConfig(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=micro_batch * seq,
+                       compile=compile_, device=str(device), dtype="bfloat16" if bf16 else "float32")
+
+    peers = {"hf": ("hf_modernbert", False), "hf_sparse": ("hf_modernbert_sparse", True)}
+    requested = ["hf"] if args.peers is None else [p for p in args.peers.split(",") if p]
+    unknown = [p for p in requested if p not in peers]
+    if unknown:
+        sys.exit(f"train_speed: --objective mlm peers are hf and hf_sparse, not {', '.join(unknown)}")
+    results: dict[str, dict] = {}
+    contenders: dict[str, tuple[Step, tuple]] = {}
+    torch.manual_seed(0)
+    contenders["tokenmill"] = (masked_lm_step(cfg, tcfg, device, bf16), (inputs, labels))
+    for peer in requested:
+        name, sparse = peers[peer]
+        try:
+            contenders[name] = (modernbert_step(cfg, tcfg, device, bf16, sparse), (inputs, hf_labels))
+        except ImportError as err:
+            results[name] = {"skipped": f"{err.name} is not importable (pip install {err.name})"}
+    timings = interleaved(contenders, warmup, steps, rounds, device)
+    for name, rates in timings.items():
+        median = float(np.median(rates))
+        results[name] = {"tokens_per_s": round(median, 1), "rounds": rates,
+                         "mfu": round(flops_per_token * median / peak, 4) if peak else None}
+    ours = results["tokenmill"]["tokens_per_s"]
+    ratios = {f"tokenmill_vs_{name}": round(ours / r["tokens_per_s"], 3)
+              for name, r in results.items() if name != "tokenmill" and "tokens_per_s" in r}
+    per_round = {f"tokenmill_vs_{name}_per_round_median": round(float(np.median(
+        np.array(timings["tokenmill"]) / np.array(timings[name]))), 3) for name in timings if name != "tokenmill"}
+    bar = 1.1 if device.type == "cuda" else 1.0
+    ratio = ratios.get("tokenmill_vs_hf_modernbert")
+    print(json.dumps({
+        "benchmark": "train_speed", "objective": "mlm", "smoke": args.smoke,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": {"preset": cfg.preset, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                  "ffn_hidden": cfg.ffn_hidden, "vocab": cfg.padded_vocab_size},
+        "seq_len": seq, "micro_batch": micro_batch, "dtype": "bfloat16" if bf16 else "float32", "compile": compile_,
+        "masking": masking.model_dump(), "masked_tokens": int((labels >= 0).sum()),
+        "hf_setting": "ModernBertForMaskedLM, sparse_prediction=False: its decoder scores every position, as "
+                      "tokenmill's MaskedLM does; all layers global attention, sdpa",
+        "warmup_steps": warmup, "rounds": rounds, "steps_per_round": steps,
+        "flops_per_token": flops_per_token, "peak_flops": peak, "torch": torch.__version__,
+        "results": results, **ratios, **per_round,
+        "bar": bar, "met": ratio is not None and ratio >= bar,
     }))
 
 

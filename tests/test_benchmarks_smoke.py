@@ -1,9 +1,11 @@
-"""The optimizer, growth and mixtures benchmarks end to end at their --smoke scale (bundled demo corpus, a few steps):
-each prints one JSON line on stdout with the keys its README row promises."""
+"""The optimizer, growth, mixtures and encoders benchmarks end to end at their --smoke scale (bundled demo corpus, a
+few steps), and train_speed's encoder path: each prints one JSON line on stdout with the keys its README row
+promises."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +76,37 @@ def test_mixtures_smoke(tmp_path):
     assert set(doremi) == set(result["domains"]) and sum(doremi.values()) == pytest.approx(1, abs=1e-3)
     assert set(result["met"]) == {"searched_macro", "searched_pair", "rho", "upsample_end_pair_better",
                                   "upsample_end_macro_within_noise", "meco"}
+
+
+def test_encoders_smoke(tmp_path):
+    result = run_smoke("encoders.py", tmp_path)
+    assert result["benchmark"] == "encoders" and result["peer"] == "mlm" and result["seeds"] == 2
+    assert set(result["arms"]) == {"mlm", "electra"}
+    for arm in result["arms"].values():
+        assert {"model", "steps", "tokens", "flops_per_token", "total_flops", "probe_accuracy", "mlm_bpb", "pll_bpb",
+                "final_train_loss", "seconds", "runs"} <= set(arm)
+        assert 0 <= arm["probe_accuracy"]["mean"] <= 1 and arm["probe_accuracy"]["fold_std"] >= 0
+        assert len(arm["probe_accuracy"]["per_seed"]) == len(arm["runs"]) == 2
+        assert arm["mlm_bpb"] > 0 and arm["pll_bpb"] > 0
+    # equal FLOPs: the arm cheaper per token trains proportionally more steps (within one step's rounding)
+    mlm, electra = result["arms"]["mlm"], result["arms"]["electra"]
+    assert abs(result["flops_ratio_electra_over_mlm"] - 1) <= max(1 / mlm["steps"], 1 / electra["steps"])
+    assert (mlm["steps"] > electra["steps"]) == (mlm["flops_per_token"] < electra["flops_per_token"])
+    assert {"rtd_loss", "rtd_accuracy", "all_original_accuracy"} <= set(electra["rtd_heldout"])
+    assert electra["generator"]["dim"] < electra["model"]["dim"]
+    probe = result["probe"]
+    assert 0 < probe["majority_baseline"] < 1 and "accuracy" in probe["untrained_encoder"]
+    assert result["met"] == (electra["probe_accuracy"]["mean"] >= mlm["probe_accuracy"]["mean"])
+    assert "bar" in result and "equal_flops" in result
+
+
+def test_train_speed_mlm_smoke():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "train_speed.py"), "--objective", "mlm", "--smoke"],
+                          capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["objective"] == "mlm" and result["rounds"] == len(result["results"]["tokenmill"]["rounds"])
+    assert result["results"]["hf_modernbert"]["tokens_per_s"] > 0
+    assert result["tokenmill_vs_hf_modernbert"] > 0 and result["bar"] == 1.0 and "met" in result
