@@ -46,9 +46,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -58,13 +56,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tokenizers import Tokenizer
 
-import optimizers
 from optimizers import SCALES as DATA_SCALES, Data, Scale, corpus_of, model_config, prepare, training_parser
 from tokenmill.model.build import build_model
 from tokenmill.model.encoder import Electra, MaskedLM, generator_shape
 from tokenmill.model.llama import ModelConfig
 from tokenmill.tokens.corruption import SPECIAL, mask_tokens, required_tokens
-from tokenmill.tokens.tokenizer import load_tokenizer, train_tokenizer
+from tokenmill.tokens.tokenizer import load_tokenizer
 from tokenmill.train.checkpoint import load_trained_model
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.loop import train
@@ -107,9 +104,7 @@ def prepare_encoders(corpus: Path, scale: Scale, workdir: Path) -> Data:
     """``optimizers.prepare`` with the masked objectives' special tokens (<mask>, <cls>, <sep>, <pad>)
     in the tokenizer. ``train_tokenizer`` adds them after training, so the merges, and the packed
     tokens (packing encodes special-token text literally), are prepare's own."""
-    extra = required_tokens("mlm", None)  # electra's are the same four
-    with mock.patch.object(optimizers, "train_tokenizer", partial(train_tokenizer, extra_special=extra)):
-        return prepare(corpus, scale, workdir)
+    return prepare(corpus, scale, workdir, extra_special=required_tokens("mlm", None))  # electra's: the same
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

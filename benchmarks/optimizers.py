@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -107,7 +107,7 @@ def read_domain(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def prepare(corpus: Path, scale: Scale, workdir: Path) -> Data:
+def prepare(corpus: Path, scale: Scale, workdir: Path, *, extra_special: Sequence[str] = ()) -> Data:
     """Split each domain's documents whole (by id hash) into held-out and training pieces, train the
     tokenizer on the training text and pack it."""
     files = {path.name.split(".jsonl")[0]: path for path in corpus_files(corpus)}
@@ -134,7 +134,8 @@ def prepare(corpus: Path, scale: Scale, workdir: Path) -> Data:
     keep = pieces.filter(pa.array(within))
     heldout = per_domain_sample(make_table(heldout_rows), scale.heldout_pieces)
     shutil.rmtree(workdir / "data", ignore_errors=True)
-    tokenizer = train_tokenizer(keep["text"].to_pylist(), scale.vocab_size, workdir / "data" / "tokenizer")
+    tokenizer = train_tokenizer(keep["text"].to_pylist(), scale.vocab_size, workdir / "data" / "tokenizer",
+                                extra_special=extra_special)
     write_parquet_atomic(keep, workdir / "data" / "docs" / "shard-00000.parquet")
     meta = pack_documents([workdir / "data" / "docs" / "shard-00000.parquet"], tokenizer, workdir / "data" / "tokens",
                           workers=1)
