@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.llama import ElectraConfig, ModelConfig, rotate_half
+from tokenmill.model.llama import ElectraConfig, ModelConfig, rope_angles, rotate_half
 from tokenmill.tokens.corruption import MaskingConfig
 
 # Output projections of the residual branches: their init is scaled down with depth (GPT-2), as in Llama.
@@ -142,10 +142,7 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def init_rope(self) -> None:
         """RoPE tables in fp32, the same numbers as Llama's and HF ModernBERT's default RoPE."""
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
-        freqs = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1).to(self.rope_cos.device)
+        angles = rope_angles(self.cfg).to(self.rope_cos.device)
         self.rope_cos.copy_(angles.cos())
         self.rope_sin.copy_(angles.sin())
 

@@ -25,7 +25,7 @@ def _hf_key(name: str) -> str:
 
 
 @torch.no_grad()
-def _dense_state(model: Llama) -> dict[str, torch.Tensor]:
+def dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every parametrized tensor (SLTrain's low-rank and sparse factors,
     applied from outside the model) replaced by the dense tensor it computes, under the plain name."""
     merged = {f"{name}.{tensor}": getattr(module, tensor) for name, module in model.named_modules()
@@ -70,21 +70,28 @@ def export_hf(model: Llama, cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path
 
     state = {
         _hf_key(k): v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in _dense_state(model).items()
+        for k, v in dense_state(model).items()
         if not (cfg.tie_embeddings and k == "lm_head.weight")
     }
     save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})
 
-    for f in tokenizer_dir.iterdir():
+    eos = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).id_to_token(cfg.eos_id)
+    copy_tokenizer(tokenizer_dir, out_dir, {"eos_token": eos, "pad_token": eos}, cfg.max_seq_len)
+    return out_dir
+
+
+def copy_tokenizer(tokenizer_dir: Path, out: Path, tokens: dict[str, str], model_max_length: int) -> None:
+    """Copy the run's tokenizer files into an export and name its special tokens (``eos_token``,
+    ``pad_token``, ...) and context length in tokenizer_config.json, so ``transformers`` pads, truncates
+    and masks with the ids the model was trained with. Every export (decoder, encoder, T5) ends here."""
+    for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
-    config_path = out_dir / "tokenizer_config.json"
+            shutil.copy2(f, out / f.name)
+    config_path = out / "tokenizer_config.json"
     config = (json.loads(config_path.read_text()) if config_path.exists()
               else {"tokenizer_class": "PreTrainedTokenizerFast"})
-    eos = Tokenizer.from_file(str(out_dir / "tokenizer.json")).id_to_token(cfg.eos_id)
-    config.update(eos_token=eos, pad_token=eos, model_max_length=cfg.max_seq_len)
+    config.update(tokens, model_max_length=model_max_length)
     config_path.write_text(json.dumps(config, indent=2))
-    return out_dir
 
 
 def _rope_theta(hf_config) -> float:

@@ -13,7 +13,6 @@ encoder ``AutoModel`` loads alone. ELECTRA's generator is not exported.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 
 from tokenmill import TokenmillError
 from tokenmill.model.encoder import Electra, MaskedLM
-from tokenmill.model.hf import WEIGHTS, _dense_state
+from tokenmill.model.hf import WEIGHTS, copy_tokenizer, dense_state
 from tokenmill.model.llama import ModelConfig
 from tokenmill.tokens.corruption import SPECIAL
 
@@ -56,7 +55,7 @@ def _hf_state(model: MaskedLM | Electra) -> tuple[str, dict[str, torch.Tensor]]:
     else:
         raise TokenmillError(f"export_encoder takes a MaskedLM or an Electra, not {type(model).__name__}")
     state = {}
-    for name, tensor in _dense_state(model).items():
+    for name, tensor in dense_state(model).items():
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is not None:
             state[prefixes[prefix] + name[len(prefix):]] = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -139,17 +138,10 @@ def export_encoder(model: MaskedLM | Electra, cfg: ModelConfig, tokenizer_dir: P
                                        "local_rope_theta": theta}, indent=2, sort_keys=True))
     save_file(state, out / WEIGHTS, metadata={"format": "pt"})
 
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    tok_config_path = out / "tokenizer_config.json"
-    tok_config = (json.loads(tok_config_path.read_text()) if tok_config_path.exists()
-                  else {"tokenizer_class": "PreTrainedTokenizerFast"})
     tokens = {f"{role}_token": token for role, (token, _) in special.items()}
     if cfg.eos_id is not None:
         from tokenizers import Tokenizer
 
-        eos = Tokenizer.from_file(str(out / "tokenizer.json")).id_to_token(cfg.eos_id)
+        eos = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).id_to_token(cfg.eos_id)
         tokens = {"eos_token": eos, "pad_token": eos, **tokens}
-    tok_config.update(tokens, model_max_length=cfg.max_seq_len)
-    tok_config_path.write_text(json.dumps(tok_config, indent=2))
+    copy_tokenizer(tokenizer_dir, out, tokens, cfg.max_seq_len)

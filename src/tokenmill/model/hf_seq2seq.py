@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 
 from tokenmill import TokenmillError
 from tokenmill.model.encoder_decoder import MAX_DISTANCE, NUM_BUCKETS, EncoderDecoder
-from tokenmill.model.hf import WEIGHTS, _dense_state
+from tokenmill.model.hf import WEIGHTS, copy_tokenizer, dense_state
 from tokenmill.model.llama import ModelConfig
 
 # Inside a block: our sub-module name -> T5's, per stack. T5 numbers the sub-layers of a block:
@@ -110,22 +109,15 @@ def export_seq2seq(model: EncoderDecoder, cfg: ModelConfig, tokenizer_dir: Path,
     n = cfg.n_layers
     state = {
         hf_seq2seq_key(k, n): v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in _dense_state(model).items()
+        for k, v in dense_state(model).items()
         if not (cfg.tie_embeddings and k == "lm_head.weight")
     }
     save_file(state, out / WEIGHTS, metadata={"format": "pt"})
 
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    tok_config_path = out / "tokenizer_config.json"
-    tok_config = (json.loads(tok_config_path.read_text()) if tok_config_path.exists()
-                  else {"tokenizer_class": "PreTrainedTokenizerFast"})
-    backend = Tokenizer.from_file(str(out / "tokenizer.json"))
+    backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     names = {name: backend.id_to_token(token_id) for name, token_id in (("pad", pad_id), ("eos", eos_id))}
     missing = [name for name, token in names.items() if token is None]
     if missing:
         raise TokenmillError(f"export: {tokenizer_dir / 'tokenizer.json'} has no token for "
                              f"{', '.join(f'{m}_id' for m in missing)}: export with the run's own tokenizer")
-    tok_config.update(eos_token=names["eos"], pad_token=names["pad"], model_max_length=cfg.max_seq_len)
-    tok_config_path.write_text(json.dumps(tok_config, indent=2))
+    copy_tokenizer(tokenizer_dir, out, {"eos_token": names["eos"], "pad_token": names["pad"]}, cfg.max_seq_len)

@@ -182,6 +182,15 @@ class ModelConfig(BaseModel):
         return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
 
 
+def rope_angles(cfg: ModelConfig) -> torch.Tensor:
+    """[max_seq_len, head_dim] RoPE angles in fp32, in the ``rotate_half`` layout (each frequency twice),
+    the numbers Hugging Face's Llama and ModernBERT compute."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float), inv_freq)
+    return torch.cat((freqs, freqs), dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """RoPE pairs dimension i with i + head_dim/2 (HF's layout, not the interleaved original)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -275,10 +284,7 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
-        freqs = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1).to(self.rope_cos.device)
+        angles = rope_angles(self.cfg).to(self.rope_cos.device)
         self.rope_cos.copy_(angles.cos())
         self.rope_sin.copy_(angles.sin())
 
