@@ -436,7 +436,7 @@ def _train_step(run: _Run, step: int) -> None:
     if run.doremi is not None:
         step_loss = torch.zeros(len(run.loader.domains), device=run.device)
         step_seqs = torch.zeros_like(step_loss)
-    mixture = run.cfg.mixture_phases()
+    weighting = run.cfg.mixture.sequence_weighting if run.cfg.mixture else "none"
     total = torch.zeros((), device=run.device)
     for _ in range(run.accum):
         x, y, domain = next(run.batches)
@@ -448,8 +448,8 @@ def _train_step(run: _Run, step: int) -> None:
         weights = torch.ones_like(seq_loss)
         if run.doremi is not None:
             weights = weights * run.doremi.sequence_weights(domain)
-        if mixture.sequence_weighting == "loss":
-            weights = weights * sequence_weights(seq_loss, mixture.temperature)
+        if weighting == "loss":
+            weights = weights * sequence_weights(seq_loss, run.cfg.mixture.temperature)
         ((seq_loss * weights).mean() / run.accum).backward()
         total += loss.detach()
         run.interval.add_sequences(seq_loss, domain)

@@ -26,9 +26,14 @@ def phase_weights(phase: MixturePhase, dataset: TokenDataset) -> np.ndarray:
     natural = natural_weights(dataset)
     if phase.upsample is None:
         return natural
-    normalise(phase.upsample, dataset.domains, what="train.mixture upsample")  # names and values checked
-    return natural * np.array([phase.upsample.get(d, 1.0) for d in dataset.domains]) / (
-        natural @ np.array([phase.upsample.get(d, 1.0) for d in dataset.domains]))
+    unknown = sorted(set(phase.upsample) - set(dataset.domains))
+    if unknown:
+        raise TokenmillError(f"train.mixture upsample names unknown domain(s) {unknown}; the tokens have "
+                             f"{dataset.domains}")
+    weights = natural * np.array([phase.upsample.get(d, 1.0) for d in dataset.domains])
+    if weights.sum() <= 0:
+        raise TokenmillError(f"train.mixture upsample {phase.upsample} leaves no domain with weight")
+    return weights / weights.sum()
 
 
 def build_mixture(cfg: TrainConfig, dataset: TokenDataset) -> ScheduledMixture:
