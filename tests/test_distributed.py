@@ -3,7 +3,8 @@
 ``tokenmill train RUN --nproc 2`` trains a packed run folder on two ranks; the same run in one process
 with twice the gradient accumulation sees the same sequences per step, so the two loss curves agree to
 float rounding. The 2-rank checkpoint then resumes in one process (DCP reshards it) and continues on
-the single-process curve.
+the single-process curve. Muon and GaLore, which need whole matrices, do the same, and also resume on
+two processes.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def _single(run: Path, out: Path, **overrides) -> list[dict]:
     return _records(out)
 
 
+def _curve(records: list[dict]) -> list[dict]:
+    """What training computed, without the timings."""
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith(("loss", "grad_norm", "val_loss", "bpb", "lr"))}
+            for r in records]
+
+
 def _assert_same_curve(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
     for ra, rb in zip(a, b):
@@ -101,11 +108,57 @@ def test_two_processes_match_one_and_resume_resharded(packed_run, tmp_path):
     _assert_same_curve(_single(packed_run, resumed, max_steps=12), reference)
 
 
+RUN_OPTIMIZERS = {"muon": {"name": "muon"}, "galore": {"name": "galore", "rank": 8, "update_proj_gap": 4}}
+
+
+def _copy_untrained(packed: Path, run: Path) -> None:
+    """``packed`` without its training output (``train/``, not ``tokens/train/``)."""
+    shutil.copytree(packed, run, ignore=lambda folder, names: ["train"] if Path(folder) == packed else [])
+
+
+def _with_train(run: Path, **overrides) -> None:
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["train"].update(overrides)
+    (run / "recipe.yaml").write_text(dump_recipe(parse_recipe(recipe)))
+
+
+def _torchrun(run: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "train", str(run), "--nproc", "2", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", RUN_OPTIMIZERS)
+def test_muon_and_galore_two_processes_match_one_and_resume(name, packed_run, tmp_path):
+    """Muon and GaLore gather each sharded matrix for its whole-matrix step, so they follow the 1-process
+    curve too: GaLore to float rounding like AdamW, Muon to 1e-3, as its bf16 Newton–Schulz turns
+    summation-order differences into bf16 roundings. Resumed from step 9 (GaLore's projection was
+    refreshed at 9, so the restored one is used) on 2 processes, a run continues bit-identically (DCP
+    restores Muon's sharded momentum and GaLore's replicated state on both ranks); in 1 process, resharded,
+    it continues on the 1-process curve."""
+    optimizer, rel = RUN_OPTIMIZERS[name], {"muon": 1e-3, "galore": 1e-5}[name]
+    run = tmp_path / "run"
+    _copy_untrained(packed_run, run)
+    _with_train(run, optimizer=optimizer, max_steps=12)
+    _torchrun(run)  # checkpoints at 3, 6, 9, 12; the last two kept
+    two = _records(run / "train")
+    reference = _single(packed_run, tmp_path / "one", max_steps=12, optimizer=optimizer)
+    _assert_same_curve(two, reference, rel=rel)
+
+    shutil.rmtree(run / "train" / "checkpoints" / "step-12")
+    shutil.copytree(run / "train", tmp_path / "resharded")
+    _torchrun(run)  # resumes from step 9
+    assert _curve(_records(run / "train")) == _curve(two)
+    _assert_same_curve(_single(packed_run, tmp_path / "resharded", max_steps=12, optimizer=optimizer), reference,
+                       rel=rel)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_nccl_bf16_compiled_train(packed_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(packed_run, run, ignore=shutil.ignore_patterns("train"))
+    _copy_untrained(packed_run, run)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe["train"].update(device="cuda", dtype="bfloat16", compile=True, activation_checkpointing="selective")
     (run / "recipe.yaml").write_text(dump_recipe(parse_recipe(recipe)))

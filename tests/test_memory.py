@@ -47,6 +47,19 @@ def test_prediction_before_allocation_matches_the_tensors_of_a_run(tokens, tmp_p
     assert predict(model_cfg(), cfg, micro_batch=8)["activation_bytes"] == 2 * predicted["activation_bytes"]
 
 
+def test_sharded_prediction_divides_all_but_galores_replicated_block_state():
+    """Under FSDP2 every rank keeps its share of weights, gradients and AdamW/Muon state, but the whole of
+    GaLore's projected block state (train/galore.py computes it on every rank)."""
+    one = {name: predict(model_cfg(), train_cfg(optimizer=opt)) for name, opt in
+           (("adamw", {"name": "adamw"}), ("galore", {"name": "galore", "rank": 8}))}
+    two = {name: predict(model_cfg(), train_cfg(optimizer=opt), world_size=2) for name, opt in
+           (("adamw", {"name": "adamw"}), ("galore", {"name": "galore", "rank": 8}))}
+    assert two["adamw"]["optimizer_state_bytes"] == one["adamw"]["optimizer_state_bytes"] // 2
+    assert two["galore"]["param_bytes"] == one["galore"]["param_bytes"] // 2
+    galore_half = two["galore"]["optimizer_state_bytes"]
+    assert one["galore"]["optimizer_state_bytes"] // 2 < galore_half < one["galore"]["optimizer_state_bytes"]
+
+
 def test_dry_run_prints_the_prediction_of_a_recipe(tmp_path, capsys):
     from tokenmill.cli import main
 

@@ -1,5 +1,6 @@
 """``train.optimizer``: AdamW (default), Muon and GaLore train the tiny model and resume bit-identically;
-GaLore keeps less state; bad settings fail validation naming the field; Muon and GaLore refuse FSDP2."""
+our Muon is torch's op for op in one process; GaLore keeps less state; bad settings fail validation
+naming the field; Muon and GaLore take FSDP2-sharded weights (2 processes: test_fsdp_optimizers.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from pydantic import ValidationError
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from tokenmill import TokenmillError
 from tokenmill.model import Llama
@@ -19,6 +21,7 @@ from tokenmill.train import loop
 from tokenmill.train.checkpoint import load_trained_model
 from tokenmill.train.config import AdamWConfig, SLTrainConfig
 from tokenmill.train.galore import GaLoreAdamW
+from tokenmill.train.muon import Muon
 from tokenmill.train.optim import Combined, build_adamw, build_optimizer
 
 from test_train import model_cfg, read_metrics, tokens, train_cfg, train_killed  # noqa: F401  (tokens is a fixture)
@@ -79,7 +82,7 @@ def test_adamw_by_name_is_the_plain_adamw():
     assert [g["params"] for g in built.param_groups] == [g["params"] for g in plain.param_groups]
 
 
-@pytest.mark.parametrize("name, kind", [("muon", torch.optim.Muon), ("galore", GaLoreAdamW)])
+@pytest.mark.parametrize("name, kind", [("muon", Muon), ("galore", GaLoreAdamW)])
 def test_block_matrices_get_the_named_optimizer_and_the_rest_adamw(name, kind):
     model = Llama(model_cfg(tie_embeddings=True))
     optimizer = build_optimizer(model, train_cfg(optimizer={"name": name}), CPU)
@@ -137,15 +140,46 @@ def test_galore_state_is_rank_over_the_short_side_of_adamws_on_block_weights():
     assert adamw_total - galore_total == adamw_blocks - galore_blocks
 
 
-def test_muon_and_galore_refuse_fsdp2_sharded_weights(tmp_path):
+def test_our_muon_is_torchs_muon_bit_for_bit():
+    """In one process nothing is gathered and the step is torch.optim.Muon's, op for op: runs and
+    checkpoints from before FSDP2 support continue unchanged."""
+    torch.manual_seed(0)
+    for adjust_lr_fn in (None, "original", "match_rms_adamw"):
+        for nesterov in (True, False):
+            ours = [torch.randn(shape) for shape in [(5, 3), (3, 7), (4, 4)]]  # tall, wide, square
+            theirs = [p.clone() for p in ours]
+            settings = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+            ours_opt, theirs_opt = Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+            for _ in range(3):
+                for a, b in zip(ours, theirs):
+                    a.grad = torch.randn_like(a)
+                    b.grad = a.grad.clone()
+                ours_opt.step()
+                theirs_opt.step()
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a, b), (adjust_lr_fn, nesterov, tuple(a.shape))
+                assert torch.equal(ours_opt.state[a]["momentum_buffer"], theirs_opt.state[b]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("name", ["muon", "galore"])
+def test_muon_and_galore_step_fsdp2_sharded_weights_as_whole_ones(name, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        torch.manual_seed(0)
         model = Llama(model_cfg())
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        assert isinstance(build_optimizer(model, train_cfg(), CPU), torch.optim.AdamW)
-        for name in ("muon", "galore"):
-            with pytest.raises(TokenmillError, match=f"optimizer {name} needs whole weight matrices.*FSDP2"):
-                build_optimizer(model, train_cfg(optimizer={"name": name}), CPU)
+        sharded = copy.deepcopy(model)
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+        cfg = train_cfg(optimizer=OPTIMIZERS[name])
+        batch = torch.randint(0, 300, (2, 16))
+        for trained in (model, sharded):
+            optimizer = build_optimizer(trained, cfg, CPU)
+            for _ in range(2):
+                trained(batch, batch)[1].backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        for (key, whole), part in zip(model.named_parameters(), sharded.parameters()):
+            assert isinstance(part, DTensor)
+            torch.testing.assert_close(part.full_tensor(), whole, rtol=1e-6, atol=1e-6, msg=key)
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,13 @@ across a refresh, as in the paper. Weight decay is decoupled, on the full weight
 
 Every piece of state is a tensor (the projector and the step count included), so torch.distributed
 .checkpoint saves it by parameter name and a resumed run continues bit-identically.
+
+Under FSDP2 a weight is a DTensor holding this rank's rows, and the SVD needs the whole gradient: each
+step all-gathers it, and every rank computes the projection, the moments and the full update
+redundantly, then applies its own rows (weight decay stays on the local shard). The projector and the
+moments are only r wide, so they are kept whole, as plain tensors replicated on every rank (the same
+kernels on the same gathered gradient give every rank the same values): DCP saves one copy, and a
+checkpoint loads at any world size.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from tokenmill.train.muon import this_ranks_part, whole
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -49,7 +58,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
+                grad = whole(p.grad)
                 left = self._left(grad, group["proj_type"])
                 rank = min(group["rank"], *grad.shape)
                 state = self.state[p]
@@ -73,5 +82,5 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 normalised = state["exp_avg"] / (1 - beta1**step) / denom
                 update = projector @ normalised if left else normalised @ projector.T
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * group["scale"])
+                p.add_(this_ranks_part(update, p), alpha=-group["lr"] * group["scale"])
         return loss

@@ -100,14 +100,16 @@ def predict(model_cfg, train_cfg, micro_batch: int | None = None, world_size: in
     if opt.name == "sltrain":
         low_rank = sum(min(opt.rank, m, n) * (m + n) + round(opt.density * m * n) for m, n in blocks)
         trainable = total - block_elements + low_rank
+    replicated = 0  # GaLore's projected block state is the same on every rank (see train/galore.py)
     if opt.name == "muon":  # one momentum buffer per block matrix, AdamW's two moments elsewhere
         state = block_elements + 2 * (total - block_elements)
     elif opt.name == "galore":
-        state = sum(_galore_state(m, n, opt) for m, n in blocks) + 2 * (total - block_elements)
+        state, replicated = 2 * (total - block_elements), sum(_galore_state(m, n, opt) for m, n in blocks)
     else:
         state = 2 * trainable
     memory = {"param_bytes": 4 * trainable, "grad_bytes": 4 * trainable, "optimizer_state_bytes": 4 * state}
     memory = {k: -(-v // world_size) for k, v in memory.items()}
+    memory["optimizer_state_bytes"] += 4 * replicated
     memory["activation_bytes"] = _activations(model_cfg, train_cfg, micro_batch or train_cfg.micro_batch_size)
     memory["total_bytes"] = sum(memory.values())
     return memory
@@ -117,7 +119,8 @@ def _activations(model_cfg, train_cfg, micro_batch: int) -> int:
     """What autograd keeps for one micro-batch: per layer and token the block's inputs, norms, q/k/v,
     attention output and the SwiGLU's three hidden vectors (on CPU, where SDPA takes its math path, also
     the attention probabilities; CUDA's fused kernels keep none); with full activation checkpointing only
-    each block's input, plus one block recomputed. Logits and their gradient once, in fp32."""
+    each block's input, plus one block recomputed. The logits' gradient in fp32 (on CPU the fused head,
+    ``model/head_loss.py``, keeps nothing else of them; elsewhere also the log-softmax)."""
     from tokenmill.train.device import resolve_device, uses_bf16
 
     c, t = model_cfg, train_cfg.seq_len
@@ -129,4 +132,4 @@ def _activations(model_cfg, train_cfg, micro_batch: int) -> int:
     layers = (c.n_layers * c.dim + per_token_layer if train_cfg.activation_checkpointing == "full"
               else c.n_layers * per_token_layer)
     tokens = micro_batch * t
-    return width * tokens * layers + 4 * tokens * c.padded_vocab_size * 2
+    return width * tokens * layers + 4 * tokens * c.padded_vocab_size * (1 if device.type == "cpu" else 2)
