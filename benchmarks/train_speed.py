@@ -16,8 +16,21 @@ does not depend on the text, so the benchmark needs no corpus.
     PYTHONPATH=src python benchmarks/train_speed.py --doc-mask --peers ""   # tokenmill with train.doc_mask
 
 ``--doc-mask`` measures tokenmill as a run with ``train.doc_mask: true`` trains it: the model has an
-``eos_id``, the batches end a document every ~seq/4 tokens, and the explicit mask takes SDPA off its
-flash path. The peers have no document masking; with ``--doc-mask`` they are still measured unmasked.
+``eos_id`` and the batches end a document about four times per row. On CUDA the documents are masked by
+FlexAttention with a block mask built once per step, which skips the fully masked blocks, so the figure
+depends on the document lengths (``--smoke`` on CPU uses the dense mask with SDPA). The peers have no
+document masking; with ``--doc-mask`` they are still measured unmasked.
+
+On a CPU (``--device cpu``, or no CUDA) the decoder is measured as the CPU runs of the trainer take it:
+eager, fp32 (``--cpu-dtype bfloat16`` puts every contender under bf16 autocast), at the shape the CPU
+trains (dim 256, 4 layers, 4 heads, seq 256, micro-batch 8, vocab 8192), in the interleaved rounds the
+encoder path uses. Beside HF Llama and litgpt's GPT of the same shape stand two GPT-2-architecture peers
+at the same matmul FLOPs (a GELU MLP of 1.5× the SwiGLU width): transformers' ``GPT2LMHeadModel`` with
+SDPA and litgpt's GPT in the GPT-2/Pythia layout (LayerNorm, biases, tanh GELU; RoPE, as litgpt has no
+learned positions). tokenmill's step is the loop's (its objective's per-sequence losses). Bars: ≥ 1.2× the
+fastest GPT-2 peer and ≥ 1.3× HF Llama.
+
+    PYTHONPATH=src python benchmarks/train_speed.py --device cpu --steps 40 --rounds 8   # ~3 min
 
 ``--objective mlm`` measures the encoder instead: tokenmill's ``MaskedLM`` train step beside HF
 ``transformers.ModernBertForMaskedLM`` of the same shape, configured as ``model/hf_encoder.py`` exports
@@ -35,7 +48,9 @@ compile at ``--preset``. Bar: tokenmill ≥ 1.0× HF on CPU, ≥ 1.1× on GPU.
     PYTHONPATH=src python benchmarks/train_speed.py --objective mlm            # CPU: ~1 min; GPU: 124M shape
     PYTHONPATH=src python benchmarks/train_speed.py --objective mlm --smoke    # CPU, tiny shape, seconds
 
-Prints one JSON line. litgpt is measured when importable (``pip install litgpt``), else noted.
+Prints one JSON line. litgpt is measured when importable, else noted. Its 0.5 release pins
+``huggingface-hub<1.4``, which breaks the transformers tokenmill installs: ``pip install litgpt`` and then
+``pip install "huggingface-hub>=1.31"`` again (its model code does not use the hub).
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ import torch.nn.functional as F
 from tokenmill.model.llama import Llama, ModelConfig
 from tokenmill.train.config import TrainConfig
 from tokenmill.train.device import peak_flops
+from tokenmill.train.objectives import CausalLM
 from tokenmill.train.optim import build_adamw
 from tokenmill.train.parallelize import parallelize
 
@@ -72,12 +88,16 @@ def _trainer(model: torch.nn.Module, loss_fn, tcfg: TrainConfig, device: torch.d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.model = model  # for the parameter counts the output reports
     return step
 
 
 def tokenmill_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    """The loop's step: its objective's per-sequence losses (``CausalLM``), their mean."""
     model = parallelize(Llama(cfg).to(device), tcfg, None, bf16=bf16)
-    return _trainer(model, lambda x, y: model(x, y, doc_mask=tcfg.doc_mask)[1], tcfg, device, bf16)
+    objective, rows = CausalLM(tcfg.seq_len), np.arange(tcfg.micro_batch_size)
+    return _trainer(model, lambda x, y: objective.losses(model, x, y, rows, device, tcfg.doc_mask).mean(),
+                    tcfg, device, bf16)
 
 
 def hf_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
@@ -94,16 +114,43 @@ def hf_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: boo
     return _trainer(model, lambda x, y: forward(input_ids=x, labels=x).loss, tcfg, device, bf16)
 
 
-def litgpt_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+def gpt2_inner(cfg: ModelConfig) -> int:
+    """The GELU MLP width whose two matmuls have the SwiGLU's three's parameters (so the same FLOPs)."""
+    return 3 * cfg.ffn_hidden // 2
+
+
+def hf_gpt2_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool) -> Step:
+    """transformers' GPT2LMHeadModel at tokenmill's matmul FLOPs: learned positions, LayerNorm, biases, tanh
+    GELU MLP of ``gpt2_inner`` width, tied head (GPT-2's), SDPA, dropout off (tokenmill has none)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.padded_vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.dim, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_inner=gpt2_inner(cfg), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None,  # GPT-2's 50256 lies past a small vocab
+    )
+    model = GPT2LMHeadModel(hf_cfg).to(device).train()
+    forward = torch.compile(model) if tcfg.compile else model
+    return _trainer(model, lambda x, y: forward(input_ids=x, labels=x).loss, tcfg, device, bf16)
+
+
+def litgpt_step(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device, bf16: bool,
+                gpt2: bool = False) -> Step:
+    """litgpt's GPT in tokenmill's shape (Llama layout), or with ``gpt2`` in the GPT-2/Pythia layout at the
+    same matmul FLOPs: LayerNorm, biases, tanh GELU MLP. litgpt has no learned positions: RoPE on every
+    head dimension in both."""
     from litgpt.config import Config
     from litgpt.model import GPT
 
+    layout = dict(bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", gelu_approximate="tanh",
+                  intermediate_size=gpt2_inner(cfg), n_query_groups=cfg.n_heads) if gpt2 else \
+        dict(bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=cfg.ffn_hidden,
+             n_query_groups=cfg.n_kv_heads)
     lit_cfg = Config(
         name="tokenmill-shape", block_size=cfg.max_seq_len, vocab_size=cfg.padded_vocab_size,
         padded_vocab_size=cfg.padded_vocab_size, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.dim,
-        n_query_groups=cfg.n_kv_heads, rotary_percentage=1.0, parallel_residual=False, bias=False,
-        norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP",
-        intermediate_size=cfg.ffn_hidden, rope_base=int(cfg.rope_theta),
+        rotary_percentage=1.0, parallel_residual=False, norm_eps=cfg.norm_eps, rope_base=int(cfg.rope_theta),
+        **layout,
     )
     model = GPT(lit_cfg).to(device).train()
     forward = torch.compile(model) if tcfg.compile else model
@@ -168,10 +215,15 @@ def main() -> None:
                         help="clm: the decoder (Llama) beside HF Llama and litgpt; mlm: the encoder (MaskedLM) "
                         "beside HF ModernBertForMaskedLM, in interleaved rounds")
     parser.add_argument("--rounds", type=int, default=5, help="--objective mlm: interleaved timing rounds")
-    parser.add_argument("--device", default=None, help="--objective mlm: cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--cpu-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="decoder on CPU: every contender's compute dtype (bfloat16: autocast, as train.dtype "
+                        "bfloat16 runs)")
     args = parser.parse_args()
     if args.objective == "mlm":
         return encoder_main(args)
+    if not args.smoke and (args.device == "cpu" or not torch.cuda.is_available()):
+        return decoder_cpu_main(args)
     args.vocab, args.seq, args.micro_batch = args.vocab or 50304, args.seq or 1024, args.micro_batch or 16
     args.peers = "hf,litgpt" if args.peers is None else args.peers
 
@@ -181,8 +233,6 @@ def main() -> None:
         cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64, eos_id=eos_id)
         micro_batch, seq, warmup, steps = 2, 64, 1, 3
     else:
-        if not torch.cuda.is_available():
-            sys.exit("train_speed: needs a CUDA device (or --smoke to check it runs on CPU)")
         device, bf16, compile_ = torch.device("cuda"), True, not args.no_compile
         torch.set_float32_matmul_precision("high")
         cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq, 1024),
@@ -194,7 +244,7 @@ def main() -> None:
     peak = peak_flops(device, bf16)
     torch.manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device)
-    if args.doc_mask:  # a few documents per row, as packed web text has; the mask's cost is the same anyway
+    if args.doc_mask:  # a few documents per row, as packed web text has (FlexAttention's cost follows their length)
         x[torch.rand(x.shape, device=device) < 4 / seq] = eos_id
     batch = (x, torch.roll(x, -1, dims=1))
     base = dict(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=micro_batch * seq,
@@ -394,6 +444,67 @@ def encoder_main(args: argparse.Namespace) -> None:
         "flops_per_token": flops_per_token, "peak_flops": peak, "torch": torch.__version__,
         "results": results, **ratios, **per_round,
         "bar": bar, "met": ratio is not None and ratio >= bar,
+    }))
+
+
+# ---- the decoder on a CPU (--device cpu, or no CUDA) ---------------------------------------------------
+
+CPU_PEERS = {"hf": "hf_llama", "hf_gpt2": "hf_gpt2", "litgpt": "litgpt", "litgpt_gpt2": "litgpt_gpt2"}
+GPT2_PEERS = ("hf_gpt2", "litgpt_gpt2")
+
+
+def decoder_cpu_main(args: argparse.Namespace) -> None:
+    """tokenmill's step as a CPU run takes it (its defaults: eager, fp32 unless ``--cpu-dtype bfloat16``)
+    beside the peers at the same matmul FLOPs, in interleaved rounds. Bars: ≥ 1.2× the fastest GPT-2
+    architecture peer, ≥ 1.3× HF Llama."""
+    device, bf16 = torch.device("cpu"), args.cpu_dtype == "bfloat16"
+    seq, micro_batch = args.seq or 256, args.micro_batch or 8
+    cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=args.vocab or 8192, max_seq_len=seq)
+    warmup, steps, rounds = 2, max(1, args.steps // args.rounds), args.rounds
+    with torch.device("meta"):
+        flops_per_token = Llama(cfg).flops_per_token(seq)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq))
+    batch = (x, torch.roll(x, -1, dims=1))
+    tcfg = TrainConfig(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=micro_batch * seq,
+                       device="cpu", dtype=args.cpu_dtype)
+    builders = {"hf_llama": hf_step, "hf_gpt2": hf_gpt2_step, "litgpt": litgpt_step,
+                "litgpt_gpt2": lambda *a: litgpt_step(*a, gpt2=True)}
+    requested = list(CPU_PEERS) if args.peers is None else [p for p in args.peers.split(",") if p]
+    unknown = [p for p in requested if p not in CPU_PEERS]
+    if unknown:
+        sys.exit(f"train_speed: CPU peers are {', '.join(CPU_PEERS)}, not {', '.join(unknown)}")
+    results: dict[str, dict] = {}
+    contenders: dict[str, tuple[Step, tuple]] = {"tokenmill": (tokenmill_step(cfg, tcfg, device, bf16), batch)}
+    for peer in requested:
+        name = CPU_PEERS[peer]
+        try:
+            contenders[name] = (builders[name](cfg, tcfg, device, bf16), batch)
+        except ImportError as err:
+            results[name] = {"skipped": f"{err.name} is not importable (pip install {err.name})"}
+    params = {name: sum(p.numel() for p in step.model.parameters()) for name, (step, _) in contenders.items()}
+    timings = interleaved(contenders, warmup, steps, rounds, device)
+    for name, rates in timings.items():
+        results[name] = {"tokens_per_s": round(float(np.median(rates)), 1), "rounds": rates,
+                         "parameters": params[name]}
+    ours = results["tokenmill"]["tokens_per_s"]
+    ratios = {f"tokenmill_vs_{name}": round(ours / r["tokens_per_s"], 3)
+              for name, r in results.items() if name != "tokenmill" and "tokens_per_s" in r}
+    gpt2 = [name for name in GPT2_PEERS if "tokens_per_s" in results.get(name, {})]
+    fastest = max(gpt2, key=lambda name: results[name]["tokens_per_s"]) if gpt2 else None
+    vs_gpt2 = ratios.get(f"tokenmill_vs_{fastest}")
+    vs_llama = ratios.get("tokenmill_vs_hf_llama")
+    print(json.dumps({
+        "benchmark": "train_speed", "objective": "clm", "device": "cpu", "threads": torch.get_num_threads(),
+        "shape": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden,
+                  "gpt2_inner": gpt2_inner(cfg), "vocab": cfg.padded_vocab_size},
+        "seq_len": seq, "micro_batch": micro_batch, "dtype": args.cpu_dtype, "compile": False,
+        "warmup_steps": warmup, "rounds": rounds, "steps_per_round": steps, "flops_per_token": flops_per_token,
+        "torch": torch.__version__, "results": results, **ratios,
+        "fastest_gpt2_peer": fastest,
+        "bars": {"vs_fastest_gpt2": 1.2, "vs_hf_llama": 1.3},
+        "met": {"vs_fastest_gpt2": vs_gpt2 is not None and vs_gpt2 >= 1.2,
+                "vs_hf_llama": vs_llama is not None and vs_llama >= 1.3},
     }))
 
 

@@ -110,3 +110,27 @@ def test_train_speed_mlm_smoke():
     assert result["objective"] == "mlm" and result["rounds"] == len(result["results"]["tokenmill"]["rounds"])
     assert result["results"]["hf_modernbert"]["tokens_per_s"] > 0
     assert result["tokenmill_vs_hf_modernbert"] > 0 and result["bar"] == 1.0 and "met" in result
+
+
+def test_train_speed_cpu_decoder_peers_at_equal_matmul_flops():
+    """The CPU decoder path: tokenmill beside HF Llama and HF GPT-2 in interleaved rounds (a short sequence
+    keeps it quick); the GPT-2 peer has the same matmul FLOPs (its tied head counts once as a parameter)."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "train_speed.py"), "--device", "cpu", "--seq", "32",
+                           "--micro-batch", "2", "--vocab", "512", "--steps", "2", "--rounds", "2",
+                           "--peers", "hf,hf_gpt2"],
+                          capture_output=True, text=True, timeout=180, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["compile"] is False
+    results = result["results"]
+    assert {"tokenmill", "hf_llama", "hf_gpt2"} == set(results)
+    assert all(len(r["rounds"]) == 2 and r["tokens_per_s"] > 0 for r in results.values())
+    assert results["tokenmill"]["parameters"] == results["hf_llama"]["parameters"]
+    head = result["shape"]["vocab"] * result["shape"]["dim"]
+    # beside the matmuls GPT-2 has learned positions, biases and LayerNorm shifts: under 1% of the weights
+    assert abs(results["hf_gpt2"]["parameters"] + head - results["tokenmill"]["parameters"]) < \
+        0.01 * results["tokenmill"]["parameters"]
+    assert result["fastest_gpt2_peer"] == "hf_gpt2"
+    assert result["met"]["vs_hf_llama"] == (result["tokenmill_vs_hf_llama"] >= 1.3)

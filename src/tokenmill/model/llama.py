@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from tokenmill.model.masking import AttentionMask, attend, build_document_mask
+from tokenmill.model.masking import document_mask as document_mask  # re-exported: it lived here
+from tokenmill.model.head_loss import linear_cross_entropy
 from tokenmill.tokens.corruption import MaskingConfig, SpanCorruptionConfig
 
 # The table in the module docstring gives each shape's parameter counts.
@@ -197,17 +200,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def document_mask(idx: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask: causal and within one document. An EOS token closes its document,
-    so the token after it starts a fresh context."""
-    is_eos = (idx == eos_id).int()
-    doc = torch.cumsum(is_eos, dim=1) - is_eos
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    T = idx.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    return (same_doc & causal).unsqueeze(1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -217,9 +209,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """``mask``: None (plain causal) or the document mask ``Llama.forward`` built for every layer."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -227,9 +218,7 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -295,10 +284,12 @@ class Llama(nn.Module):
         doc_mask: bool = False,
         reduction: Literal["mean", "none"] = "mean",
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, padded_vocab] for token ids ``idx`` [B, T]; with ``targets`` [B, T] also the
-        cross-entropy in fp32 (targets of -1 are ignored): the mean, or with ``reduction="none"`` per
-        token [B, T] (0 where ignored), which per-domain losses need. ``doc_mask`` stops attention
-        across ``cfg.eos_id`` boundaries (an explicit mask: SDPA then leaves its flash path)."""
+        """Logits [B, T, padded_vocab] for token ids ``idx`` [B, T]; with ``targets`` [B, T] instead
+        ``(None, loss)``, the cross-entropy in fp32 (targets of -1 are ignored): the mean, or with
+        ``reduction="none"`` per token [B, T] (0 where ignored), which per-domain losses need. With targets
+        the logits are never materialised whole (``head_loss``: the head's fused, chunked loss). ``doc_mask`` stops attention
+        across ``cfg.eos_id`` boundaries: a FlexAttention block mask on CUDA, a dense mask for SDPA
+        elsewhere (``model/masking.py``), built here once for all layers, outside per-block graphs."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -306,16 +297,18 @@ class Llama(nn.Module):
         if doc_mask:
             if self.cfg.eos_id is None:
                 raise ValueError("doc_mask needs ModelConfig.eos_id")
-            mask = document_mask(idx, self.cfg.eos_id)
+            mask = build_document_mask(idx, self.cfg.eos_id)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction)
-        return logits, loss.view_as(targets) if reduction == "none" else loss
+            return self.lm_head(hidden)
+        token_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        if reduction == "none":
+            return None, token_loss
+        return None, token_loss.sum() / (targets >= 0).sum()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count; ``exclude_embedding`` drops the input embedding table (a lookup, not a
