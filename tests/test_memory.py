@@ -12,7 +12,7 @@ from tokenmill.model import Llama
 from tokenmill.train.loop import train
 from tokenmill.train.memory import measure, predict, tensor_bytes
 
-from test_train import model_cfg, tokens, train_cfg  # noqa: F401  (tokens is a fixture)
+from test_train import SEQ, model_cfg, tokens, train_cfg  # noqa: F401  (tokens is a fixture)
 
 
 def test_summary_counts_params_grads_and_adamw_state_as_a_hand_count(tokens, tmp_path):  # noqa: F811
@@ -45,6 +45,17 @@ def test_prediction_before_allocation_matches_the_tensors_of_a_run(tokens, tmp_p
     for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
         assert predicted[key] == measured[key], key
     assert predict(model_cfg(), cfg, micro_batch=8)["activation_bytes"] == 2 * predicted["activation_bytes"]
+
+
+def test_per_layer_prediction_counts_one_gradient_and_a_run_none_at_rest(tokens, tmp_path):  # noqa: F811
+    cfg = train_cfg(max_steps=1, grad_clip=0.0, global_batch_tokens=4 * SEQ,
+                    optimizer={"name": "galore", "rank": 8, "per_layer_update": True})
+    measured = train(model_cfg(), cfg, tokens, tmp_path, progress=False)["memory"]
+    predicted = predict(model_cfg(), cfg)
+    assert predicted["param_bytes"] == measured["param_bytes"]
+    assert predicted["optimizer_state_bytes"] == measured["optimizer_state_bytes"]
+    assert measured["grad_bytes"] == 0
+    assert predicted["grad_bytes"] == 4 * max(p.numel() for p in Llama(model_cfg()).parameters())
 
 
 def test_sharded_prediction_divides_all_but_galores_replicated_block_state():

@@ -24,7 +24,7 @@ from tokenmill.train.galore import GaLoreAdamW
 from tokenmill.train.muon import Muon
 from tokenmill.train.optim import Combined, build_adamw, build_optimizer
 
-from test_train import model_cfg, read_metrics, tokens, train_cfg, train_killed  # noqa: F401  (tokens is a fixture)
+from test_train import SEQ, model_cfg, read_metrics, tokens, train_cfg, train_killed  # noqa: F401  (tokens: a fixture)
 
 CPU = torch.device("cpu")
 OPTIMIZERS = {
@@ -32,6 +32,7 @@ OPTIMIZERS = {
     "muon": {"name": "muon"},
     # a projection refreshed at steps 1, 5, 9, 13, 17: the resumed run (from step 10) starts on a restored one
     "galore": {"name": "galore", "rank": 8, "update_proj_gap": 4},
+    "galore_per_layer": {"name": "galore", "rank": 8, "update_proj_gap": 4, "per_layer_update": True},
 }
 
 
@@ -47,7 +48,8 @@ def test_settings_default_to_adamw_and_the_papers_values():
     sltrain = train_cfg(optimizer={"name": "sltrain"}).optimizer
     assert sltrain == SLTrainConfig() and (sltrain.rank, sltrain.density, sltrain.alpha) == (128, 0.03, 32)
     assert train_cfg(optimizer={"name": "galore", "rank": 4}).model_dump(mode="json")["optimizer"] == {
-        "name": "galore", "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+        "name": "galore", "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+        "per_layer_update": False}
 
 
 @pytest.mark.parametrize("optimizer, field", [
@@ -189,7 +191,8 @@ def test_muon_and_galore_step_fsdp2_sharded_weights_as_whole_ones(name, tmp_path
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_learns_and_resumes_bit_identically(name, tokens, tmp_path, monkeypatch):  # noqa: F811
-    cfg = train_cfg(max_steps=20, ckpt_every=10, log_every=1, optimizer=OPTIMIZERS[name])
+    per_layer = {"grad_clip": 0.0, "global_batch_tokens": 4 * SEQ} if name == "galore_per_layer" else {}
+    cfg = train_cfg(max_steps=20, ckpt_every=10, log_every=1, optimizer=OPTIMIZERS[name], **per_layer)
     loop.train(model_cfg(), cfg, tokens, tmp_path / "straight", progress=False)
     straight = read_metrics(tmp_path / "straight")
     losses = [r["loss"] for r in straight if "loss" in r]
@@ -204,3 +207,30 @@ def test_each_optimizer_learns_and_resumes_bit_identically(name, tokens, tmp_pat
     weights = [load_trained_model(tmp_path / run / "checkpoints")[0].state_dict() for run in ("straight", "resumed")]
     for key, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][key]), key
+
+
+def test_per_layer_updates_are_the_same_steps_with_no_gradients_left(tokens, tmp_path):  # noqa: F811
+    """GaLore stepped parameter by parameter inside backward trains exactly as the whole-model step (without
+    clipping), and no gradient outlives its backward pass."""
+    settings = {"name": "galore", "rank": 8, "update_proj_gap": 4}
+    runs = {}
+    for per_layer in (False, True):
+        cfg = train_cfg(max_steps=6, log_every=1, grad_clip=0.0, global_batch_tokens=4 * SEQ,
+                        optimizer={**settings, "per_layer_update": per_layer})
+        summary = loop.train(model_cfg(), cfg, tokens, tmp_path / str(per_layer), progress=False)
+        runs[per_layer] = ([(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / str(per_layer)) if "loss" in r],
+                           summary["memory"])
+    (whole, whole_memory), (layered, layered_memory) = runs[False], runs[True]
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(whole, layered):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    assert layered_memory["grad_bytes"] == 0 < whole_memory["grad_bytes"]
+    assert layered_memory["optimizer_state_bytes"] == whole_memory["optimizer_state_bytes"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"grad_clip": 1.0, "global_batch_tokens": 4 * SEQ}, "grad_clip: 0"),
+    ({"grad_clip": 0.0, "global_batch_tokens": 8 * SEQ}, "global_batch_tokens"),
+])
+def test_per_layer_updates_refuse_clipping_and_accumulation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_cfg(optimizer={"name": "galore", "per_layer_update": True}, **overrides)

@@ -66,6 +66,10 @@ class GaLoreConfig(BaseModel):
         description="Which side of each m×n gradient G to project: 'std' the shorter one (moments "
         "max(m, n)×rank, projector min(m, n)×rank), 'left' always rows (U_rᵀ·G), 'right' always columns (G·V_r).",
     )
+    per_layer_update: bool = Field(
+        False, description="The paper's per-layer weight updates: each parameter steps as soon as backward has "
+        "its gradient, which is then freed, so the model's gradients never exist at once. Needs one micro-batch "
+        "per step (no accumulation), grad_clip 0 (no global norm to clip by) and one process.")
 
 
 class SLTrainConfig(BaseModel):
@@ -266,7 +270,15 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_batch(self) -> "TrainConfig":
-        self.grad_accum_steps(world_size=1)
+        accum = self.grad_accum_steps(world_size=1)
+        if getattr(self.optimizer, "per_layer_update", False):
+            if accum != 1:
+                raise ValueError(f"optimizer.galore.per_layer_update steps each parameter during backward, so a step "
+                                 f"is one micro-batch, but global_batch_tokens makes it {accum}: set "
+                                 "global_batch_tokens = micro_batch_size × seq_len")
+            if self.grad_clip:
+                raise ValueError("optimizer.galore.per_layer_update never holds every gradient at once, so there "
+                                 "is no global norm to clip by: set grad_clip: 0")
         return self
 
     @model_validator(mode="after")

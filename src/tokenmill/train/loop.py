@@ -44,7 +44,7 @@ from tokenmill.train.memory import measure, peak_bytes
 from tokenmill.train.metrics import MetricsSink, console_line, say
 from tokenmill.train.mixing import DoReMi, build_doremi, build_mixture, metadata_view, sequence_weights
 from tokenmill.train.objectives import EVAL_G_OFFSET, Objective, build_objective
-from tokenmill.train.optim import build_optimizer
+from tokenmill.train.optim import PerLayer, build_optimizer
 from tokenmill.train.parallelize import parallelize
 from tokenmill.train.schedule import lr_multiplier
 from tokenmill.train.sltrain import apply_sltrain
@@ -456,7 +456,10 @@ def _train_step(run: _Run, step: int) -> None:
         if run.doremi is not None:
             step_loss.index_add_(0, domain, seq_loss.detach().float())
             step_seqs.index_add_(0, domain, torch.ones_like(seq_loss, dtype=torch.float))
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    if isinstance(run.optimizer, PerLayer):  # stepped parameter by parameter during backward
+        grad_norm = run.optimizer.grad_norm()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     if isinstance(grad_norm, DTensor):  # sharded: already the global norm, replicated on every rank
         grad_norm = grad_norm.full_tensor()
     run.optimizer.step()

@@ -86,8 +86,10 @@ def _galore_state(m: int, n: int, cfg) -> int:
 def predict(model_cfg, train_cfg, micro_batch: int | None = None, world_size: int = 1) -> dict[str, int]:
     """Bytes per device of parameters, gradients, optimizer state and activations of a run, from its
     configs alone (the model is built on the meta device). Parameters, gradients and state are exact for
-    fp32 master weights (FSDP2 shards them ``world_size`` ways); activations are an estimate of what the
-    backward pass keeps in eager PyTorch, so the measured peak in summary.json is the figure to trust."""
+    fp32 master weights (FSDP2 shards them ``world_size`` ways), but for GaLore's per-layer updates, whose
+    gradient bytes are the largest single gradient, alive during backward (a run counts none at rest);
+    activations are an estimate of what the backward pass keeps in eager PyTorch, so the measured peak in
+    summary.json is the figure to trust."""
     from tokenmill.model.build import build_model
 
     with torch.device("meta"):
@@ -110,6 +112,8 @@ def predict(model_cfg, train_cfg, micro_batch: int | None = None, world_size: in
     memory = {"param_bytes": 4 * trainable, "grad_bytes": 4 * trainable, "optimizer_state_bytes": 4 * state}
     memory = {k: -(-v // world_size) for k, v in memory.items()}
     memory["optimizer_state_bytes"] += 4 * replicated
+    if getattr(opt, "per_layer_update", False):  # one gradient at a time, freed as its parameter steps
+        memory["grad_bytes"] = 4 * max(p.numel() for p in model.parameters())
     memory["activation_bytes"] = _activations(model_cfg, train_cfg, micro_batch or train_cfg.micro_batch_size)
     memory["total_bytes"] = sum(memory.values())
     return memory

@@ -20,7 +20,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from tokenmill import TokenmillError
 from tokenmill.train.config import GaLoreConfig, MuonConfig, TrainConfig
 from tokenmill.train.galore import GaLoreAdamW
 from tokenmill.train.muon import Muon
@@ -33,6 +35,7 @@ def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]] or groups[:1]
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cuda", "cpu")
     )
@@ -72,6 +75,39 @@ class Combined:
             opt.zero_grad(set_to_none=set_to_none)
 
 
+class PerLayer(Combined):
+    """One optimizer per parameter, each stepped by a hook the moment backward has accumulated that
+    parameter's gradient, which is then freed (GaLore's per-layer weight updates): the model's gradients
+    never exist at once, which is the memory the paper saves beside the optimizer state. ``step`` and
+    ``zero_grad`` have nothing left to do. The hooks also sum the squared gradients, so the loop still logs
+    the step's gradient norm (unclipped: there is no global norm to clip by before the first update)."""
+
+    def __init__(self, optimizers: dict[nn.Parameter, torch.optim.Optimizer]):
+        super().__init__(*optimizers.values())
+        self._squares: torch.Tensor | None = None
+        for p, opt in optimizers.items():
+            p.register_post_accumulate_grad_hook(self._update(opt))
+
+    def _update(self, opt: torch.optim.Optimizer):
+        def hook(p: torch.Tensor) -> None:
+            square = p.grad.detach().float().square().sum()
+            self._squares = square if self._squares is None else self._squares + square
+            opt.step()
+            p.grad = None
+        return hook
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of the gradients of the backward passes since the last call."""
+        squares, self._squares = self._squares, None
+        return squares.sqrt() if squares is not None else torch.zeros(())
+
+
 def _block_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The blocks' 2-D trainable weights, whole or FSDP2-sharded (see the module docstring)."""
     return [p for p in model.layers.parameters() if p.requires_grad and p.dim() == 2]
@@ -90,7 +126,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
             matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=settings.momentum,
             nesterov=settings.nesterov, ns_steps=settings.ns_steps, adjust_lr_fn=settings.adjust_lr_fn,
         ))
-    return Combined(rest, GaLoreAdamW(
-        matrices, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, rank=settings.rank,
-        update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
-    ))
+    def galore(params: list[nn.Parameter]) -> GaLoreAdamW:
+        return GaLoreAdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, rank=settings.rank,
+            update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
+        )
+
+    if not settings.per_layer_update:
+        return Combined(rest, galore(matrices))
+    if any(isinstance(p, DTensor) for p in matrices):
+        raise TokenmillError("optimizer.galore.per_layer_update runs in one process: FSDP2 sets the sharded "
+                             "gradients after its reduce-scatter, where no per-parameter hook sees them")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return PerLayer({p: galore([p]) if id(p) in chosen else _adamw([p], cfg, device) for p in trainable})
