@@ -6,7 +6,7 @@
 #      train_speed_124M_doc_mask  tokenmill with document masking (train.doc_mask, FlexAttention), same shape
 #   2. train_speed_350M_ac        350M with activation checkpointing none / selective / full, no peers
 #      train_speed_mlm           the encoder (MaskedLM) at the 124M shape vs HF ModernBertForMaskedLM, rounds
-#   3. memory                     one line per optimizer (adamw, muon, galore, sltrain) at 350M, micro-batch
+#   3. memory                     one line per optimizer (adamw, muon, galore, galore_per_layer, sltrain) at 350M,
 #                                 4 x 1024, bf16 autocast, 3 steps: CUDA peak, measured and predicted bytes
 #   4. pytest_gpu                 the summary line of `python -m pytest -q -m gpu`
 #   last: suite                   seconds and status of every step
@@ -168,21 +168,24 @@ if smoke:  # CPU, fp32, the tiny preset; SLTrain's default rank 128 exceeds its 
     device, bf16, micro, seq = torch.device("cpu"), False, 2, 64
     model_cfg = ModelConfig(preset="tiny", vocab_size=512)
     optimizers = [{"name": "adamw"}, {"name": "muon"}, {"name": "galore", "rank": 16},
-                  {"name": "sltrain", "rank": 16}]
+                  {"name": "galore", "rank": 16, "per_layer_update": True}, {"name": "sltrain", "rank": 16}]
 else:
     if not torch.cuda.is_available():
         sys.exit("memory: needs a CUDA device (or --smoke to check it runs on CPU)")
     device, bf16, micro, seq = torch.device("cuda"), True, 4, 1024
     model_cfg = ModelConfig(preset="350M", vocab_size=50304)
-    optimizers = [{"name": n} for n in ("adamw", "muon", "galore", "sltrain")]
+    optimizers = [{"name": "adamw"}, {"name": "muon"}, {"name": "galore"}, {"name": "galore", "per_layer_update": True},
+                  {"name": "sltrain"}]
     torch.set_float32_matmul_precision("high")
 for opt in optimizers:
     started = time.perf_counter()
-    line = {"optimizer": opt["name"], "settings": opt, "preset": model_cfg.preset, "micro_batch": micro,
+    per_layer = opt.get("per_layer_update", False)  # steps inside backward: no global clipping
+    line = {"optimizer": opt["name"] + ("_per_layer" if per_layer else ""), "settings": opt, "preset": model_cfg.preset, "micro_batch": micro,
             "seq_len": seq, "dtype": "bfloat16" if bf16 else "float32", "device": str(device)}
     try:
         cfg = TrainConfig(seq_len=seq, micro_batch_size=micro, global_batch_tokens=micro * seq, optimizer=opt,
-                          device=device.type, dtype="bfloat16" if bf16 else "float32")
+                          device=device.type, dtype="bfloat16" if bf16 else "float32",
+                          grad_clip=0.0 if per_layer else 1.0)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -204,7 +207,8 @@ for opt in optimizers:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 _, loss = model(x, torch.roll(x, -1, dims=1))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if measured is None:  # every gradient and state tensor exists now, as in the loop
                 measured = measure(model, optimizer)
