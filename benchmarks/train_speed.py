@@ -28,7 +28,10 @@ encoder path uses. Beside HF Llama and litgpt's GPT of the same shape stand two 
 at the same matmul FLOPs (a GELU MLP of 1.5× the SwiGLU width): transformers' ``GPT2LMHeadModel`` with
 SDPA and litgpt's GPT in the GPT-2/Pythia layout (LayerNorm, biases, tanh GELU; RoPE, as litgpt has no
 learned positions). tokenmill's step is the loop's (its objective's per-sequence losses). Bars: ≥ 1.2× the
-fastest GPT-2 peer and ≥ 1.3× HF Llama.
+fastest GPT-2 peer and ≥ 1.3× HF Llama. After the rounds each contender's step is profiled once more: the
+seconds its matmuls and attention kernels take (``matmul_attention_s_per_step``, which no eager rewrite
+shortens at equal FLOPs) and their share of the step; ``ceiling_vs_<peer>`` is the ratio tokenmill would
+reach if all its other work took no time, the most any CPU optimisation at fp32 can buy.
 
     PYTHONPATH=src python benchmarks/train_speed.py --device cpu --steps 40 --rounds 8   # ~3 min
 
@@ -449,6 +452,24 @@ def encoder_main(args: argparse.Namespace) -> None:
 
 # ---- the decoder on a CPU (--device cpu, or no CUDA) ---------------------------------------------------
 
+# The kernels no eager rewrite can shorten at equal FLOPs: the matmuls and the attention.
+FLOOR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def floor_seconds(step: Step, batch: tuple[torch.Tensor, torch.Tensor], steps: int = 2) -> dict:
+    """Seconds per step spent in ``FLOOR_OPS`` (the profiler's self CPU time) and their share of the step."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step(*batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    floor = sum(e.self_cpu_time_total for e in events if e.key in FLOOR_OPS)
+    return {"matmul_attention_s_per_step": round(floor / 1e6 / steps, 4), "share_of_step": round(floor / total, 3)}
+
+
 CPU_PEERS = {"hf": "hf_llama", "hf_gpt2": "hf_gpt2", "litgpt": "litgpt", "litgpt_gpt2": "litgpt_gpt2"}
 GPT2_PEERS = ("hf_gpt2", "litgpt_gpt2")
 
@@ -486,10 +507,14 @@ def decoder_cpu_main(args: argparse.Namespace) -> None:
     timings = interleaved(contenders, warmup, steps, rounds, device)
     for name, rates in timings.items():
         results[name] = {"tokens_per_s": round(float(np.median(rates)), 1), "rounds": rates,
-                         "parameters": params[name]}
+                         "parameters": params[name], **floor_seconds(*contenders[name])}
     ours = results["tokenmill"]["tokens_per_s"]
     ratios = {f"tokenmill_vs_{name}": round(ours / r["tokens_per_s"], 3)
               for name, r in results.items() if name != "tokenmill" and "tokens_per_s" in r}
+    # the most tokenmill could reach if everything but its matmuls and attention took no time at all
+    our_floor = results["tokenmill"]["matmul_attention_s_per_step"]
+    ceilings = {f"ceiling_vs_{name}": round(micro_batch * seq / r["tokens_per_s"] / our_floor, 3)
+                for name, r in results.items() if name != "tokenmill" and "tokens_per_s" in r}
     gpt2 = [name for name in GPT2_PEERS if "tokens_per_s" in results.get(name, {})]
     fastest = max(gpt2, key=lambda name: results[name]["tokens_per_s"]) if gpt2 else None
     vs_gpt2 = ratios.get(f"tokenmill_vs_{fastest}")
@@ -500,7 +525,7 @@ def decoder_cpu_main(args: argparse.Namespace) -> None:
                   "gpt2_inner": gpt2_inner(cfg), "vocab": cfg.padded_vocab_size},
         "seq_len": seq, "micro_batch": micro_batch, "dtype": args.cpu_dtype, "compile": False,
         "warmup_steps": warmup, "rounds": rounds, "steps_per_round": steps, "flops_per_token": flops_per_token,
-        "torch": torch.__version__, "results": results, **ratios,
+        "torch": torch.__version__, "results": results, **ratios, **ceilings,
         "fastest_gpt2_peer": fastest,
         "bars": {"vs_fastest_gpt2": 1.2, "vs_hf_llama": 1.3},
         "met": {"vs_fastest_gpt2": vs_gpt2 is not None and vs_gpt2 >= 1.2,

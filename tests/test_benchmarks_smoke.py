@@ -134,3 +134,6 @@ def test_train_speed_cpu_decoder_peers_at_equal_matmul_flops():
         0.01 * results["tokenmill"]["parameters"]
     assert result["fastest_gpt2_peer"] == "hf_gpt2"
     assert result["met"]["vs_hf_llama"] == (result["tokenmill_vs_hf_llama"] >= 1.3)
+    for r in results.values():  # the profiled matmul and attention time of each step
+        assert r["matmul_attention_s_per_step"] > 0 and 0 < r["share_of_step"] < 1
+    assert result["ceiling_vs_hf_gpt2"] > 0
