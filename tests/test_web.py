@@ -148,6 +148,15 @@ def test_hf_disk_dataset_and_dataset_dict(tmp_path):
         _read(tmp_path / "dd", format="hf_disk")
 
 
+def test_a_damaged_hf_disk_folder_is_a_clear_error(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a row"] * 50}).save_to_disk(str(tmp_path / "ds"))
+    (arrow,) = (tmp_path / "ds").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])  # truncated, as an interrupted copy leaves it
+    with pytest.raises(TokenmillError, match="cannot read this save_to_disk folder"):
+        _read(tmp_path / "ds")
+
+
 # ---- extract -----------------------------------------------------------------------------------------
 
 def _table(texts: list[str]) -> pa.Table:

@@ -458,6 +458,9 @@ def _read_hf_disk(path: Path, cfg: SourceConfig, stats: ReadStats) -> Iterator[R
         loaded = load_from_disk(str(path))
     except FileNotFoundError as err:
         raise TokenmillError(f"{path}: not a dataset folder written by save_to_disk ({err})") from None
+    except (OSError, ValueError) as err:  # a damaged folder: truncated Arrow files, unreadable state.json
+        raise TokenmillError(f"{path}: cannot read this save_to_disk folder ({type(err).__name__}: {err}); "
+                             "write it again with Dataset.save_to_disk") from None
     splits = loaded.items() if isinstance(loaded, DatasetDict) else [("", loaded)]
     for split, dataset in splits:
         if cfg.text_field not in dataset.column_names:
