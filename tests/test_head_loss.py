@@ -70,3 +70,29 @@ def test_bf16_autocast_on_cpu_stays_close():
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
     got.sum().backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_the_gradient_buffer_is_reused_only_once_its_graph_is_gone():
+    """Each step reuses the last step's [tokens, vocab] buffer (no fresh mapping and page faults), but never
+    one a live graph still holds, so a retained graph's backward reads what its own forward wrote."""
+    torch.manual_seed(4)
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (64,))
+
+    def saved_buffer(loss):
+        return loss.grad_fn.next_functions[0][0].saved_tensors[2].data_ptr()  # under the view to lead shape
+
+    first = linear_cross_entropy(hidden, weight, targets)
+    first_ptr = saved_buffer(first)
+    first.sum().backward()
+    second = linear_cross_entropy(hidden, weight, targets)
+    assert saved_buffer(second) == first_ptr  # the graph of the first is gone: same buffer
+
+    third = linear_cross_entropy(hidden, weight, targets)  # the second's graph is alive: a buffer of its own
+    assert saved_buffer(third) != saved_buffer(second)
+    hidden.grad = None
+    second.sum().backward()
+    want = torch.autograd.grad(plain(hidden, weight, targets).sum(), hidden)[0]
+    torch.testing.assert_close(hidden.grad, want)
+    del third
