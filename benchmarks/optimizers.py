@@ -236,12 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = training_parser(__doc__.splitlines()[0], "/tmp/tokenmill-optimizers")
     parser.add_argument("--steps", type=int, default=None, help="override the scale's steps per run")
     parser.add_argument("--seeds", type=int, default=None, help="override the scale's seeds")
+    parser.add_argument("--lrs", default=None, help="override the scale's lr sweep, comma-separated (e.g. 1e-3,3e-3)")
     args = parser.parse_args(argv)
 
     scale = SCALES["smoke" if args.smoke else "gpu" if args.preset else "cpu"]
     if args.preset:
         scale = replace(scale, model=dict(preset=args.preset))
-    scale = replace(scale, steps=args.steps or scale.steps, seeds=args.seeds or scale.seeds)
+    lrs = tuple(float(lr) for lr in args.lrs.split(",")) if args.lrs else scale.lrs
+    scale = replace(scale, steps=args.steps or scale.steps, seeds=args.seeds or scale.seeds, lrs=lrs)
     corpus = corpus_of(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
