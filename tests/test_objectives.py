@@ -79,6 +79,14 @@ def test_each_objective_learns_and_validates(run, tmp_path):
     assert [r["step"] for r in val] == [12, 24] and {"val_loss/prose", "val_loss/code"} <= set(val[-1])
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     assert summary["params"] > 0 and summary["memory"]["param_bytes"] > 0
+    train_lines = [r for r in records if "loss" in r]
+    if model_config(run).objective == "electra":  # the combined loss's parts, logged beside it
+        weight = model_config(run).electra.discriminator_weight
+        for r in train_lines:
+            assert r["loss"] == pytest.approx(r["mlm_loss"] + weight * r["rtd_loss"], rel=1e-5)
+            assert 0 <= r["rtd_accuracy"] <= 1
+    else:
+        assert not {"mlm_loss", "rtd_loss", "rtd_accuracy"} & set(train_lines[-1])
 
 
 def test_a_killed_run_resumes_to_the_same_batches_and_losses(run, tmp_path, monkeypatch):

@@ -85,28 +85,37 @@ def validation_loss(
 
 class _Interval:
     """What happened since the last metric line, kept on the device: each step's loss and gradient
-    norm, and per-domain sums of sequence losses with their counts."""
+    norm, per-domain sums of sequence losses with their counts, and the objective's parts (ELECTRA's
+    MLM and replaced-token losses and accuracy), one value per micro-batch."""
 
     def __init__(self, n_domains: int, device: torch.device):
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.domain_loss = torch.zeros(n_domains, device=device)
         self.domain_seqs = torch.zeros(n_domains, device=device)
+        self.parts: dict[str, list[torch.Tensor]] = {}
 
     def add_sequences(self, seq_loss: torch.Tensor, domain: torch.Tensor) -> None:
         self.domain_loss.index_add_(0, domain, seq_loss.detach())
         self.domain_seqs.index_add_(0, domain, torch.ones_like(seq_loss))
 
-    def read(self, job: Distributed) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
-        """Per-step losses averaged over ranks, gradient norms (already global), and per-domain loss
-        sums and counts over all ranks; then start a new interval."""
+    def add_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(value.detach().float())
+
+    def read(self, job: Distributed) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Per-step losses averaged over ranks, gradient norms (already global), per-domain loss sums and
+        counts over all ranks, and each part's mean over micro-batches and ranks; then start a new interval."""
         losses, norms = (torch.stack(v) for v in zip(*self.steps))
-        n = len(self.steps)
-        packed = job.sum(torch.cat([losses.float(), self.domain_loss, self.domain_seqs]))
-        domain_loss, domain_seqs = packed[n:].view(2, -1)
+        n, names = len(self.steps), sorted(self.parts)
+        part_means = [torch.stack(self.parts[name]).mean() for name in names]
+        packed = job.sum(torch.cat([losses.float(), self.domain_loss, self.domain_seqs, *(p[None] for p in part_means)]))
+        domain_loss, domain_seqs = packed[n:n + 2 * len(self.domain_loss)].view(2, -1)
+        parts = dict(zip(names, (packed[len(packed) - len(names):] / job.world_size).tolist()))
         self.steps.clear()
         self.domain_loss.zero_()
         self.domain_seqs.zero_()
-        return (packed[:n] / job.world_size).tolist(), norms.tolist(), domain_loss.cpu(), domain_seqs.cpu()
+        self.parts.clear()
+        return (packed[:n] / job.world_size).tolist(), norms.tolist(), domain_loss.cpu(), domain_seqs.cpu(), parts
 
 
 def _resume_loader(loader: TokenLoader, saved: dict[str, Any]) -> None:
@@ -453,6 +462,7 @@ def _train_step(run: _Run, step: int) -> None:
         ((seq_loss * weights).mean() / run.accum).backward()
         total += loss.detach()
         run.interval.add_sequences(seq_loss, domain)
+        run.interval.add_parts(getattr(run.objective, "parts", {}))
         if run.doremi is not None:
             step_loss.index_add_(0, domain, seq_loss.detach().float())
             step_seqs.index_add_(0, domain, torch.ones_like(seq_loss, dtype=torch.float))
@@ -477,7 +487,7 @@ def _train_step(run: _Run, step: int) -> None:
 def _log_train(run: _Run, step: int, clock: _Clock) -> None:
     """Read the interval back from the device (reduced over ranks), refuse a non-finite step, and write
     the metric line and its console line."""
-    losses, norms, domain_loss, domain_seqs = run.interval.read(run.job)
+    losses, norms, domain_loss, domain_seqs, parts = run.interval.read(run.job)
     for i, (loss, norm) in enumerate(zip(losses, norms)):
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TokenmillError(
@@ -505,6 +515,7 @@ def _log_train(run: _Run, step: int, clock: _Clock) -> None:
         elapsed_s=elapsed_s,
         **per_domain,
         **realised,
+        **parts,
     )
     run.write(run.last_train, eta_s=clock.eta_s(step, run.cfg.max_steps))
 

@@ -46,7 +46,9 @@ class CausalLM:
 
 class Masked:
     """MLM (the masked tokens' mean loss) or ELECTRA (generator MLM + weighted replaced-token detection)
-    on windows of ``seq_len`` tokens masked as ``model.masking`` says."""
+    on windows of ``seq_len`` tokens masked as ``model.masking`` says. ELECTRA's training micro-batches
+    leave their parts in ``parts`` (generator MLM loss, replaced-token loss and accuracy), which the loop
+    logs beside the combined loss."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, tokenizer):
         self.window_len = cfg.seq_len
@@ -63,7 +65,10 @@ class Masked:
         inputs, labels = (torch.from_numpy(a).to(device, non_blocking=True) for a in (inputs, labels))
         if self.electra:
             sampling = torch.Generator(device=device).manual_seed(int(self.seed * 1_000_003 + int(g[0])))
-            return model(inputs, labels, sample_seed=sampling)["per_sequence"]
+            out = model(inputs, labels, sample_seed=sampling)
+            if torch.is_grad_enabled():  # training: the loop logs the parts beside the combined loss
+                self.parts = {name: out[name] for name in ("mlm_loss", "rtd_loss", "rtd_accuracy")}
+            return out["per_sequence"]
         _, token_loss = model(inputs, labels, reduction="none")
         return token_loss.sum(dim=1) / (labels >= 0).sum(dim=1).clamp(min=1)
 
