@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.llama import ElectraConfig, ModelConfig, rope_angles, rotate_half
+from tokenmill.model.eager_ops import apply_rope
+from tokenmill.model.llama import ElectraConfig, ModelConfig, rope_angles
 from tokenmill.tokens.corruption import MaskingConfig
 
 # Output projections of the residual branches: their init is scaled down with depth (GPT-2), as in Llama.
@@ -74,9 +75,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v)  # no mask, not causal: every token sees every token
         return self.Wo(y.transpose(1, 2).reshape(B, T, -1))
 
