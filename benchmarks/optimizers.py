@@ -169,13 +169,16 @@ def reset_peak(device: str) -> int:
 
 
 def run_curve(model_cfg: ModelConfig, scale: Scale, data: Data, out: Path, device: str, *, lr: float, seed: int = 0,
-              optimizer: dict | None = None, steps: int | None = None) -> dict[str, Any]:
-    """One complete run (warm-up, cosine decay) from scratch into ``out``; its in-loop BPB curve
-    [(tokens, bpb)], final BPB, memory and seconds. Training lines go to stderr."""
+              optimizer: dict | None = None, steps: int | None = None, warmup: int | None = None,
+              schedule: str = "cosine") -> dict[str, Any]:
+    """One complete run (warm-up, a tenth of the steps unless ``warmup`` says, then ``schedule``) from its
+    starting point into ``out``; its in-loop BPB curve [(tokens, bpb)], final BPB, memory and seconds.
+    Training lines go to stderr."""
     steps = steps or scale.steps
     cfg = TrainConfig(
         seq_len=scale.seq_len, micro_batch_size=scale.batch_size, global_batch_tokens=scale.batch_size * scale.seq_len,
-        max_steps=steps, lr=lr, warmup_steps=steps // 10, schedule="cosine", device=device, seed=seed,
+        max_steps=steps, lr=lr, warmup_steps=steps // 10 if warmup is None else warmup, schedule=schedule,
+        device=device, seed=seed,
         optimizer=optimizer or {"name": "adamw"}, bpb_every=max(1, steps // scale.evals),
         bpb_docs_per_domain=scale.heldout_pieces, ckpt_every=steps, keep_last_k=1, log_every=steps, eval_every=steps,
     )

@@ -57,6 +57,11 @@ def test_growth_smoke(tmp_path):
     assert 0 < result["small_flops_per_deep_token_flops"] < 1
     for key in ("grown_tokens_to_scratch_final", "token_ratio", "token_ratio_with_small_flops", "bar", "met"):
         assert key in result
+    # both deep runs pick their lr from the same printed sweep
+    for run in ("grown", "scratch"):
+        assert [row["lr"] for row in result[run]["lr_sweep"]] == result["lr_sweep"]
+        assert result[run]["lr"] in result["lr_sweep"]
+    assert {"small_schedule", "grown_warmup", "scratch_warmup", "lrs"} <= set(result["recipe"])
 
 
 def test_mixtures_smoke(tmp_path):

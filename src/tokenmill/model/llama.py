@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tokenmill.model.masking import AttentionMask, attend, build_document_mask
-from tokenmill.model.masking import document_mask as document_mask  # re-exported: it lived here
 from tokenmill.model.eager_ops import RMSNorm, apply_rope
 from tokenmill.model.head_loss import linear_cross_entropy
 from tokenmill.tokens.corruption import MaskingConfig, SpanCorruptionConfig
