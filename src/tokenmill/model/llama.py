@@ -279,9 +279,10 @@ class Llama(nn.Module):
         """Logits [B, T, padded_vocab] for token ids ``idx`` [B, T]; with ``targets`` [B, T] instead
         ``(None, loss)``, the cross-entropy in fp32 (targets of -1 are ignored): the mean, or with
         ``reduction="none"`` per token [B, T] (0 where ignored), which per-domain losses need. With targets
-        the logits are never materialised whole (``head_loss``: the head's fused, chunked loss). ``doc_mask`` stops attention
-        across ``cfg.eos_id`` boundaries: a FlexAttention block mask on CUDA, a dense mask for SDPA
-        elsewhere (``model/masking.py``), built here once for all layers, outside per-block graphs."""
+        the logits are never materialised whole (``head_loss``: the head's fused, chunked loss).
+        ``doc_mask`` stops attention across ``cfg.eos_id`` boundaries: a FlexAttention block mask on CUDA,
+        a dense mask for SDPA elsewhere (``model/masking.py``), built here once for all layers, outside
+        per-block graphs."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")

@@ -120,12 +120,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         return build_adamw(model, cfg, device)
     matrices = _block_matrices(model)
     chosen = {id(p) for p in matrices}
-    rest = _adamw([p for p in model.parameters() if p.requires_grad and id(p) not in chosen], cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    others = [p for p in trainable if id(p) not in chosen]
     if isinstance(settings, MuonConfig):
-        return Combined(rest, Muon(
+        return Combined(_adamw(others, cfg, device), Muon(
             matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=settings.momentum,
             nesterov=settings.nesterov, ns_steps=settings.ns_steps, adjust_lr_fn=settings.adjust_lr_fn,
         ))
+
     def galore(params: list[nn.Parameter]) -> GaLoreAdamW:
         return GaLoreAdamW(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, rank=settings.rank,
@@ -133,9 +135,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         )
 
     if not settings.per_layer_update:
-        return Combined(rest, galore(matrices))
+        return Combined(_adamw(others, cfg, device), galore(matrices))
     if any(isinstance(p, DTensor) for p in matrices):
         raise TokenmillError("optimizer.galore.per_layer_update runs in one process: FSDP2 sets the sharded "
                              "gradients after its reduce-scatter, where no per-parameter hook sees them")
-    trainable = [p for p in model.parameters() if p.requires_grad]
     return PerLayer({p: galore([p]) if id(p) in chosen else _adamw([p], cfg, device) for p in trainable})
